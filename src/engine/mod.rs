@@ -1,0 +1,314 @@
+//! The engine: runs the model over batches of tokens drawn from several sequences.
+//!
+//! [`Engine::step`] takes, for each sequence in the batch, the next tokens to process (one for
+//! decoding, a chunk of a prompt for prefill) and computes them in one graph, so all sequences
+//! share one read of the weights. [`Engine::feed`] splits a long input of one sequence into
+//! chunks no larger than the batch size or the cache ring.
+
+use crate::ggml::{Context, CpuBackend, GraphAllocator};
+use crate::kv_cache::{AttnPlan, KvCache, KvShape, KvType};
+use crate::model::mistral::{build_step, fill_attention_inputs, SeqInput};
+use crate::model::{HParams, Model};
+use anyhow::{bail, Context as _};
+
+/// Runtime settings of the engine.
+#[derive(Clone, Debug)]
+pub struct EngineConfig {
+    /// Compute threads.
+    pub n_threads: usize,
+    /// KV cache element type.
+    pub kv_type: KvType,
+    /// Sliding window override: `None` uses the file's value (full attention if absent),
+    /// `Some(0)` forces full attention, `Some(w)` a window of `w` positions.
+    pub sliding_window: Option<usize>,
+    /// Context length per sequence (`None`: the model's, capped at [`DEFAULT_MAX_CTX`]).
+    pub ctx_size: Option<usize>,
+    /// Most tokens one step processes (prefill chunk size).
+    pub batch_size: usize,
+}
+
+/// Default cap on the context length when none is configured.
+pub const DEFAULT_MAX_CTX: usize = 8192;
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            n_threads: std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1),
+            kv_type: KvType::F16,
+            sliding_window: None,
+            ctx_size: None,
+            batch_size: 512,
+        }
+    }
+}
+
+/// Which logits a batch item wants back.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Logits {
+    /// None (e.g. prefill chunks before the last).
+    None,
+    /// Only the last token's.
+    Last,
+    /// Every token's.
+    All,
+}
+
+/// One sequence's part of a step.
+pub struct BatchItem<'a> {
+    /// The sequence.
+    pub seq: &'a mut Sequence,
+    /// Its next tokens (at most [`Engine::max_step`]).
+    pub tokens: &'a [u32],
+    /// Which logits to return.
+    pub logits: Logits,
+}
+
+/// A sequence being processed: its KV cache.
+pub struct Sequence {
+    cache: KvCache,
+}
+
+impl Sequence {
+    /// The sequence's cache.
+    pub fn cache(&self) -> &KvCache {
+        &self.cache
+    }
+
+    /// Positions processed so far.
+    pub fn n_past(&self) -> u64 {
+        self.cache.n_past()
+    }
+
+    /// Forgets the sequence so the cache can be reused for another.
+    pub fn reset(&mut self) {
+        self.cache.reset();
+    }
+}
+
+/// The model, a CPU backend and the graph allocator.
+pub struct Engine {
+    model: Model,
+    backend: CpuBackend,
+    allocator: GraphAllocator,
+    cfg: EngineConfig,
+    kv_shape: KvShape,
+}
+
+impl Engine {
+    /// Prepares `model` for inference with `cfg`.
+    pub fn new(model: Model, cfg: EngineConfig) -> anyhow::Result<Engine> {
+        let hp = &model.hparams;
+        if cfg.batch_size == 0 {
+            bail!("batch size must be at least 1");
+        }
+        let n_ctx = cfg.ctx_size.unwrap_or(hp.n_ctx_train.min(DEFAULT_MAX_CTX));
+        if n_ctx == 0 {
+            bail!("context size must be at least 1");
+        }
+        let window = match cfg.sliding_window {
+            Some(0) => None,
+            Some(w) => Some(w),
+            None => hp.sliding_window,
+        };
+        let n_slots = match window {
+            Some(w) => w.min(n_ctx),
+            None => n_ctx,
+        };
+        let kv_shape = KvShape {
+            n_layer: hp.n_layer,
+            head_dim: hp.head_dim,
+            n_head_kv: hp.n_head_kv,
+            n_slots,
+            window,
+            kv_type: cfg.kv_type,
+        };
+        if cfg.kv_type.ggml().row_bytes(hp.head_dim as u64).is_none() {
+            bail!(
+                "KV cache type {:?} needs a head dimension that is a multiple of 32 (model has {})",
+                cfg.kv_type,
+                hp.head_dim
+            );
+        }
+        let backend = CpuBackend::new(cfg.n_threads)?;
+        Ok(Engine {
+            model,
+            backend,
+            allocator: GraphAllocator::new()?,
+            cfg,
+            kv_shape,
+        })
+    }
+
+    /// The model's hyper-parameters.
+    pub fn hparams(&self) -> &HParams {
+        &self.model.hparams
+    }
+
+    /// The loaded model.
+    pub fn model(&self) -> &Model {
+        &self.model
+    }
+
+    /// The engine settings.
+    pub fn config(&self) -> &EngineConfig {
+        &self.cfg
+    }
+
+    /// Shape of every sequence's KV cache.
+    pub fn kv_shape(&self) -> &KvShape {
+        &self.kv_shape
+    }
+
+    /// The attention window in effect (`None`: full attention).
+    pub fn window(&self) -> Option<usize> {
+        self.kv_shape.window
+    }
+
+    /// Bytes of the compute buffer (grows to the largest step seen, then stays).
+    pub fn compute_buffer_bytes(&self) -> usize {
+        self.allocator.buffer_size()
+    }
+
+    /// Most tokens one sequence may contribute to one step.
+    pub fn max_step(&self) -> usize {
+        self.cfg.batch_size.min(self.kv_shape.n_slots)
+    }
+
+    /// A new, empty sequence with its own cache.
+    pub fn new_sequence(&self) -> anyhow::Result<Sequence> {
+        Ok(Sequence {
+            cache: KvCache::new(self.kv_shape, &self.backend)?,
+        })
+    }
+
+    /// Runs one step over `items`; returns, per item, its logits rows (row-major
+    /// `[n_rows][n_vocab]`, `n_rows` per its [`Logits`] request). On error no sequence changes.
+    pub fn step(&mut self, items: &mut [BatchItem<'_>]) -> anyhow::Result<Vec<Vec<f32>>> {
+        if items.is_empty() {
+            return Ok(Vec::new());
+        }
+        let hp = &self.model.hparams;
+        let n_vocab = hp.n_vocab;
+        let mut plans: Vec<AttnPlan> = Vec::with_capacity(items.len());
+        let mut tokens: Vec<i32> = Vec::new();
+        let mut positions: Vec<i32> = Vec::new();
+        let mut out_rows: Vec<i32> = Vec::new();
+        for item in items.iter() {
+            if item.tokens.is_empty() {
+                bail!("a batch item has no tokens");
+            }
+            if item.tokens.len() > self.max_step() {
+                bail!(
+                    "{} tokens in one step exceed the step limit of {}",
+                    item.tokens.len(),
+                    self.max_step()
+                );
+            }
+            if let Some(&bad) = item.tokens.iter().find(|&&t| t as usize >= n_vocab) {
+                bail!("token id {bad} is outside the vocabulary (size {n_vocab})");
+            }
+            let plan = item.seq.cache.plan(item.tokens.len())?;
+            let first = tokens.len() as i32;
+            let n = item.tokens.len() as i32;
+            match item.logits {
+                Logits::None => {}
+                Logits::Last => out_rows.push(first + n - 1),
+                Logits::All => out_rows.extend(first..first + n),
+            }
+            for (i, &t) in item.tokens.iter().enumerate() {
+                tokens.push(t as i32);
+                let pos = plan.pos0 + i as u64;
+                positions
+                    .push(i32::try_from(pos).context("position exceeds the i32 range of RoPE")?);
+            }
+            plans.push(plan);
+        }
+        // The graph needs at least one output row; compute the last token's and discard it.
+        let discard = out_rows.is_empty();
+        if discard {
+            out_rows.push(tokens.len() as i32 - 1);
+        }
+
+        let n_seqs = items.len();
+        let graph_size = crate::model::mistral::graph_size(hp, n_seqs);
+        let ctx = Context::for_graph(graph_size * 2, graph_size)?;
+        let seq_inputs: Vec<SeqInput<'_>> = {
+            let mut first = 0;
+            items
+                .iter()
+                .zip(&plans)
+                .map(|(item, plan)| {
+                    let s = SeqInput {
+                        cache: &item.seq.cache,
+                        plan,
+                        first_token: first,
+                    };
+                    first += item.tokens.len();
+                    s
+                })
+                .collect()
+        };
+        let step = build_step(
+            &ctx,
+            hp,
+            self.model.weights(),
+            tokens.len(),
+            &seq_inputs,
+            out_rows.len(),
+        );
+        self.allocator.alloc(&step.graph)?;
+        step.tokens.write(&tokens);
+        step.positions.write(&positions);
+        if step.out_rows.is_allocated() {
+            step.out_rows.write(&out_rows);
+        }
+        let plan_refs: Vec<&AttnPlan> = plans.iter().collect();
+        fill_attention_inputs(&step, &plan_refs);
+        self.backend.compute(&step.graph)?;
+        let logits = step.logits.read_f32();
+        drop(seq_inputs);
+
+        let mut result = Vec::with_capacity(n_seqs);
+        let mut row = 0;
+        for item in items.iter_mut() {
+            item.seq.cache.commit(item.tokens.len());
+            let n_rows = match item.logits {
+                Logits::None => 0,
+                Logits::Last => 1,
+                Logits::All => item.tokens.len(),
+            };
+            result.push(logits[row * n_vocab..(row + n_rows) * n_vocab].to_vec());
+            row += n_rows;
+        }
+        Ok(result)
+    }
+
+    /// Feeds `tokens` to one sequence in chunks of at most [`Engine::max_step`] and returns the
+    /// logits asked for (`Last`: of the final token; `All`: of every token).
+    pub fn feed(
+        &mut self,
+        seq: &mut Sequence,
+        tokens: &[u32],
+        logits: Logits,
+    ) -> anyhow::Result<Vec<f32>> {
+        let mut out = Vec::new();
+        let chunk = self.max_step();
+        let n_chunks = tokens.len().div_ceil(chunk);
+        for (i, part) in tokens.chunks(chunk).enumerate() {
+            let want = match logits {
+                Logits::All => Logits::All,
+                Logits::Last if i + 1 == n_chunks => Logits::Last,
+                _ => Logits::None,
+            };
+            let mut items = [BatchItem {
+                seq: &mut *seq,
+                tokens: part,
+                logits: want,
+            }];
+            out.extend(self.step(&mut items)?.pop().unwrap_or_default());
+        }
+        Ok(out)
+    }
+}

@@ -1,0 +1,154 @@
+//! The ggml CPU backend, backend buffers and the graph allocator.
+
+use super::context::{Context, Graph, Tensor};
+use super::sys;
+use std::ptr::NonNull;
+
+/// ggml's CPU backend: computes graphs with a fixed number of worker threads.
+pub struct CpuBackend {
+    ptr: NonNull<sys::ggml_backend>,
+    n_threads: usize,
+}
+
+// The backend is used by one thread at a time (the engine thread).
+unsafe impl Send for CpuBackend {}
+
+impl CpuBackend {
+    /// Creates the backend with `n_threads` compute threads (at least 1).
+    pub fn new(n_threads: usize) -> anyhow::Result<CpuBackend> {
+        super::init_logging();
+        let ptr = NonNull::new(unsafe { sys::ggml_backend_cpu_init() })
+            .ok_or_else(|| anyhow::anyhow!("failed to initialize the ggml CPU backend"))?;
+        let backend = CpuBackend {
+            ptr,
+            n_threads: n_threads.max(1),
+        };
+        unsafe { sys::ggml_backend_cpu_set_n_threads(ptr.as_ptr(), backend.n_threads as i32) };
+        Ok(backend)
+    }
+
+    /// Number of compute threads.
+    pub fn n_threads(&self) -> usize {
+        self.n_threads
+    }
+
+    /// Runs every node of `graph`. All tensors must be allocated.
+    pub fn compute(&self, graph: &Graph<'_>) -> anyhow::Result<()> {
+        let status = unsafe { sys::ggml_backend_graph_compute(self.ptr.as_ptr(), graph.raw()) };
+        if status != sys::GGML_STATUS_SUCCESS {
+            anyhow::bail!("ggml graph computation failed (status {status})");
+        }
+        Ok(())
+    }
+
+    /// Allocates every tensor of `ctx` (a `no_alloc` context) in one new CPU buffer, zeroed.
+    pub fn alloc_context_tensors(&self, ctx: &Context) -> anyhow::Result<BackendBuffer> {
+        let buf = unsafe { sys::ggml_backend_alloc_ctx_tensors(ctx.raw(), self.ptr.as_ptr()) };
+        let buf =
+            NonNull::new(buf).ok_or_else(|| anyhow::anyhow!("out of memory allocating tensors"))?;
+        unsafe { sys::ggml_backend_buffer_clear(buf.as_ptr(), 0) };
+        Ok(BackendBuffer { ptr: buf })
+    }
+}
+
+impl Drop for CpuBackend {
+    fn drop(&mut self) {
+        unsafe { sys::ggml_backend_free(self.ptr.as_ptr()) }
+    }
+}
+
+/// A ggml backend buffer: memory that tensors are placed in. Freed on drop.
+pub struct BackendBuffer {
+    ptr: NonNull<sys::ggml_backend_buffer>,
+}
+
+unsafe impl Send for BackendBuffer {}
+
+impl BackendBuffer {
+    /// Wraps existing host memory (`ptr`, `len` bytes) — e.g. a memory-mapped model file — as a
+    /// CPU buffer, without copying. `ptr` must be 32-byte aligned and outlive the buffer.
+    ///
+    /// # Safety
+    /// The memory must stay valid and unchanged for the buffer's life; ggml only reads it.
+    pub unsafe fn from_host_memory(ptr: *const u8, len: usize) -> anyhow::Result<BackendBuffer> {
+        anyhow::ensure!(ptr as usize % 32 == 0, "tensor data is not 32-byte aligned");
+        let buf = sys::ggml_backend_cpu_buffer_from_ptr(ptr as *mut _, len);
+        let ptr = NonNull::new(buf).ok_or_else(|| anyhow::anyhow!("failed to wrap host memory"))?;
+        Ok(BackendBuffer { ptr })
+    }
+
+    /// Size in bytes.
+    pub fn size(&self) -> usize {
+        unsafe { sys::ggml_backend_buffer_get_size(self.ptr.as_ptr()) }
+    }
+
+    /// Places `tensor` (of a `no_alloc` context) at byte `offset` of this buffer.
+    pub fn place(&self, tensor: Tensor<'_>, offset: usize) -> anyhow::Result<()> {
+        let end = offset.checked_add(tensor.nbytes());
+        anyhow::ensure!(
+            end.is_some_and(|e| e <= self.size()),
+            "tensor {} ({} bytes at offset {offset}) does not fit in its buffer of {} bytes",
+            tensor.name(),
+            tensor.nbytes(),
+            self.size()
+        );
+        anyhow::ensure!(
+            !tensor.is_allocated(),
+            "tensor {} is already placed",
+            tensor.name()
+        );
+        let base = unsafe { sys::ggml_backend_buffer_get_base(self.ptr.as_ptr()) } as *mut u8;
+        let status = unsafe {
+            sys::ggml_backend_tensor_alloc(self.ptr.as_ptr(), tensor.raw(), base.add(offset).cast())
+        };
+        anyhow::ensure!(
+            status == sys::GGML_STATUS_SUCCESS,
+            "failed to place tensor {}",
+            tensor.name()
+        );
+        Ok(())
+    }
+}
+
+impl Drop for BackendBuffer {
+    fn drop(&mut self) {
+        unsafe { sys::ggml_backend_buffer_free(self.ptr.as_ptr()) }
+    }
+}
+
+/// ggml's graph allocator: places a graph's intermediate tensors in one CPU buffer, reusing
+/// memory between tensors whose lifetimes don't overlap. The buffer grows to the largest graph
+/// seen and is reused for every later graph.
+pub struct GraphAllocator {
+    ptr: NonNull<sys::ggml_gallocr>,
+}
+
+unsafe impl Send for GraphAllocator {}
+
+impl GraphAllocator {
+    /// A new allocator over CPU memory.
+    pub fn new() -> anyhow::Result<GraphAllocator> {
+        let a = unsafe { sys::ggml_gallocr_new(sys::ggml_backend_cpu_buffer_type()) };
+        NonNull::new(a)
+            .map(|ptr| GraphAllocator { ptr })
+            .ok_or_else(|| anyhow::anyhow!("failed to create the ggml graph allocator"))
+    }
+
+    /// Allocates every not-yet-placed tensor of `graph`.
+    pub fn alloc(&mut self, graph: &Graph<'_>) -> anyhow::Result<()> {
+        let ok = unsafe { sys::ggml_gallocr_alloc_graph(self.ptr.as_ptr(), graph.raw()) };
+        anyhow::ensure!(ok, "out of memory allocating the compute graph");
+        Ok(())
+    }
+
+    /// Bytes of the allocator's buffer.
+    pub fn buffer_size(&self) -> usize {
+        unsafe { sys::ggml_gallocr_get_buffer_size(self.ptr.as_ptr(), 0) }
+    }
+}
+
+impl Drop for GraphAllocator {
+    fn drop(&mut self) {
+        unsafe { sys::ggml_gallocr_free(self.ptr.as_ptr()) }
+    }
+}

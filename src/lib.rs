@@ -1,0 +1,9 @@
+//! mistrald: an inference daemon for Mistral-architecture language models on Linux edge boards.
+//!
+//! See `ARCHITECTURE.md` for the module map and the path of a request.
+
+pub mod engine;
+pub mod ggml;
+pub mod kv_cache;
+pub mod model;
+pub mod tokenizer;

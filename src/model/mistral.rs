@@ -1,0 +1,271 @@
+//! The Mistral forward pass as a ggml graph, over a batch of tokens from several sequences.
+//!
+//! ```text
+//! x = embed(tokens)
+//! for each block:
+//!     h = rms_norm(x) * attn_norm
+//!     q, k, v = h·Wq, h·Wk, h·Wv            (q: n_head heads, k/v: n_head_kv heads)
+//!     q, k = rope(q, pos), rope(k, pos)      (ggml "normal" mode: adjacent pairs)
+//!     per sequence: store k, v in its rolling cache; attend over its window (GQA)
+//!     x = x + attn·Wo
+//!     h = rms_norm(x) * ffn_norm
+//!     x = x + (silu(h·Wgate) * (h·Wup))·Wdown
+//! logits = (rms_norm(x) * output_norm)·Wout   (only for the rows asked for)
+//! ```
+//!
+//! Weight matrices are read once per step for all tokens of all sequences; only attention is
+//! per sequence, since each sequence has its own cache.
+
+use super::{HParams, Weights};
+use crate::ggml::{Context, GgmlType, Graph, Tensor};
+use crate::kv_cache::{AttnPlan, AttnSource, KvCache};
+
+/// One sequence's share of a batch.
+pub struct SeqInput<'a> {
+    /// The sequence's cache (read, and written by the graph).
+    pub cache: &'a KvCache,
+    /// The attention plan for this step (from [`KvCache::plan`]).
+    pub plan: &'a AttnPlan,
+    /// Index of this sequence's first token in the batch.
+    pub first_token: usize,
+}
+
+/// The graph of one step and the input tensors to fill before computing it.
+pub struct StepGraph<'g> {
+    /// The graph.
+    pub graph: Graph<'g>,
+    /// Token ids, I32 `[n_tokens]`.
+    pub tokens: Tensor<'g>,
+    /// Absolute positions, I32 `[n_tokens]`.
+    pub positions: Tensor<'g>,
+    /// Batch rows whose logits are computed, I32 `[n_out]`.
+    pub out_rows: Tensor<'g>,
+    /// Per sequence: cache slots to write, I64 `[n_new]`.
+    pub write_slots: Vec<Tensor<'g>>,
+    /// Per sequence: attention mask, F16 `[n_kv, n_new]`.
+    pub masks: Vec<Tensor<'g>>,
+    /// Per sequence (gather plans only): cache rows to read, I32 `[n_hist]`.
+    pub gather_rows: Vec<Option<Tensor<'g>>>,
+    /// Logits, F32 `[n_vocab, n_out]`.
+    pub logits: Tensor<'g>,
+}
+
+/// Upper bound on graph nodes for a step over `n_seqs` sequences.
+pub fn graph_size(hp: &HParams, n_seqs: usize) -> usize {
+    64 + hp.n_layer * (32 + 24 * n_seqs)
+}
+
+/// Builds the graph for `n_tokens` tokens belonging to `seqs` (in batch order), producing the
+/// logits of `n_out` batch rows.
+pub fn build_step<'g>(
+    ctx: &'g Context,
+    hp: &HParams,
+    w: &Weights<'_>,
+    n_tokens: usize,
+    seqs: &[SeqInput<'_>],
+    n_out: usize,
+) -> StepGraph<'g> {
+    let n = n_tokens as i64;
+    let (hd, n_head, n_head_kv) = (hp.head_dim as i64, hp.n_head as i64, hp.n_head_kv as i64);
+    let mut graph = ctx.new_graph(graph_size(hp, seqs.len()));
+
+    let tokens = ctx
+        .new_tensor(GgmlType::I32, &[n])
+        .set_name("tokens")
+        .mark_input();
+    let positions = ctx
+        .new_tensor(GgmlType::I32, &[n])
+        .set_name("positions")
+        .mark_input();
+    let out_rows = ctx
+        .new_tensor(GgmlType::I32, &[n_out as i64])
+        .set_name("out_rows")
+        .mark_input();
+    let mut write_slots = Vec::new();
+    let mut masks = Vec::new();
+    let mut gather_rows = Vec::new();
+    for (s, seq) in seqs.iter().enumerate() {
+        let p = seq.plan;
+        write_slots.push(
+            ctx.new_tensor(GgmlType::I64, &[p.n_new as i64])
+                .set_name(&format!("slots_s{s}"))
+                .mark_input(),
+        );
+        masks.push(
+            ctx.new_tensor(GgmlType::F16, &[p.n_kv as i64, p.n_new as i64])
+                .set_name(&format!("mask_s{s}"))
+                .mark_input(),
+        );
+        gather_rows.push(match &p.source {
+            AttnSource::Gather { rows } => Some(
+                ctx.new_tensor(GgmlType::I32, &[rows.len() as i64])
+                    .set_name(&format!("gather_s{s}"))
+                    .mark_input(),
+            ),
+            AttnSource::Direct { .. } => None,
+        });
+    }
+
+    let mut x = ctx.get_rows(w.tok_embd, tokens);
+    for (l, lw) in w.layers.iter().enumerate() {
+        // --- attention ---
+        let h = ctx.mul(ctx.rms_norm(x, hp.rms_eps), lw.attn_norm);
+        let q = ctx.reshape(ctx.mul_mat(lw.wq, h), &[hd, n_head, n]);
+        let k = ctx.reshape(ctx.mul_mat(lw.wk, h), &[hd, n_head_kv, n]);
+        let v = ctx.reshape(ctx.mul_mat(lw.wv, h), &[hd, n_head_kv, n]);
+        let q = ctx.rope_normal(
+            q,
+            positions,
+            hp.n_rot as i32,
+            hp.n_ctx_train as i32,
+            hp.rope_freq_base,
+        );
+        let k = ctx.rope_normal(
+            k,
+            positions,
+            hp.n_rot as i32,
+            hp.n_ctx_train as i32,
+            hp.rope_freq_base,
+        );
+
+        let mut attn: Option<Tensor<'g>> = None;
+        for (s, seq) in seqs.iter().enumerate() {
+            let out = attention_for_sequence(
+                ctx,
+                &mut graph,
+                hp,
+                l,
+                q,
+                k,
+                v,
+                seq,
+                write_slots[s],
+                masks[s],
+                gather_rows[s],
+            );
+            attn = Some(match attn {
+                None => out,
+                Some(prev) => ctx.concat(prev, out, 1),
+            });
+        }
+        let attn = attn.expect("a step has at least one sequence");
+        x = ctx.add(x, ctx.mul_mat(lw.wo, attn));
+
+        // --- feed-forward ---
+        let h = ctx.mul(ctx.rms_norm(x, hp.rms_eps), lw.ffn_norm);
+        let ff = ctx.swiglu(ctx.mul_mat(lw.w_gate, h), ctx.mul_mat(lw.w_up, h));
+        x = ctx.add(x, ctx.mul_mat(lw.w_down, ff));
+    }
+
+    // Only the rows whose logits are wanted go through the output head.
+    let x = if n_out == n_tokens {
+        x
+    } else {
+        ctx.get_rows(x, out_rows)
+    };
+    let x = ctx.mul(ctx.rms_norm(x, hp.rms_eps), w.output_norm);
+    let logits = ctx.mul_mat(w.output, x).set_name("logits").mark_output();
+    graph.expand(logits);
+    StepGraph {
+        graph,
+        tokens,
+        positions,
+        out_rows,
+        write_slots,
+        masks,
+        gather_rows,
+        logits,
+    }
+}
+
+/// Attention of one sequence's tokens in layer `l`: stores its keys/values in the cache and
+/// returns the attention output `[n_head*head_dim, n_new]`.
+#[allow(clippy::too_many_arguments)]
+fn attention_for_sequence<'g>(
+    ctx: &'g Context,
+    graph: &mut Graph<'g>,
+    hp: &HParams,
+    l: usize,
+    q: Tensor<'g>,
+    k: Tensor<'g>,
+    v: Tensor<'g>,
+    seq: &SeqInput<'_>,
+    write_slots: Tensor<'g>,
+    mask: Tensor<'g>,
+    gather_rows: Option<Tensor<'g>>,
+) -> Tensor<'g> {
+    let (hd, n_head, n_head_kv) = (hp.head_dim as i64, hp.n_head as i64, hp.n_head_kv as i64);
+    let plan = seq.plan;
+    let n_new = plan.n_new as i64;
+    let row_elems = hd * n_head_kv;
+    let first = seq.first_token;
+    let scale = 1.0 / (hp.head_dim as f32).sqrt();
+
+    // This sequence's rows of q, k, v.
+    let q_s = ctx.view(
+        q,
+        &[hd, n_head, n_new],
+        &[q.nb()[1], q.nb()[2]],
+        first * q.nb()[2],
+    );
+    let k_rows = ctx.view(k, &[row_elems, n_new], &[k.nb()[2]], first * k.nb()[2]);
+    let v_rows = ctx.view(v, &[row_elems, n_new], &[v.nb()[2]], first * v.nb()[2]);
+    let q_s = ctx.permute(q_s, [0, 2, 1, 3]); // [hd, n_new, n_head]
+
+    let (cache_k, cache_v) = (seq.cache.keys(l), seq.cache.values(l));
+    let out = match (&plan.source, gather_rows) {
+        (AttnSource::Direct { n_view }, _) => {
+            // Store first, then attend over the first n_view slots of the ring.
+            let kc = ctx.set_rows(cache_k, k_rows, write_slots);
+            let vc = ctx.set_rows(cache_v, v_rows, write_slots);
+            let heads = |c: Tensor<'g>| {
+                let row = c.nb()[1];
+                let head = c.ty().row_bytes(hd as u64).unwrap() as usize;
+                ctx.view(c, &[hd, *n_view as i64, n_head_kv], &[row, head], 0)
+            };
+            ctx.flash_attn(q_s, heads(kc), heads(vc), mask, scale)
+        }
+        (AttnSource::Gather { rows }, Some(gather)) => {
+            // Read the history (dequantized, in position order) before the new rows overwrite
+            // it, append the new keys/values, attend, then store.
+            let n_kv = rows.len() as i64 + n_new;
+            let all = |cache: Tensor<'_>, new: Tensor<'g>| -> Tensor<'g> {
+                let hist: Tensor<'g> = ctx.get_rows(cache, gather);
+                let joined = ctx.concat(hist, ctx.cont(new), 1); // [row_elems, n_kv] f32
+                ctx.view(
+                    joined,
+                    &[hd, n_kv, n_head_kv],
+                    &[joined.nb()[1], hd as usize * 4],
+                    0,
+                )
+            };
+            let out = ctx.flash_attn(q_s, all(cache_k, k_rows), all(cache_v, v_rows), mask, scale);
+            graph.expand(out);
+            // Expanded after the attention, so the writes run after the reads.
+            graph.expand(ctx.set_rows(cache_k, k_rows, write_slots));
+            graph.expand(ctx.set_rows(cache_v, v_rows, write_slots));
+            out
+        }
+        (AttnSource::Gather { .. }, None) => unreachable!("gather plan without gather rows"),
+    };
+    // [hd, n_head, n_new] -> [hd*n_head, n_new]
+    ctx.reshape(out, &[hd * n_head, n_new])
+}
+
+/// Fills the masks and index inputs of a step from the plans.
+pub fn fill_attention_inputs(step: &StepGraph<'_>, plans: &[&AttnPlan]) {
+    const ZERO: u16 = 0x0000;
+    const NEG_INF: u16 = 0xFC00;
+    for (s, plan) in plans.iter().enumerate() {
+        step.write_slots[s].write(&plan.write_slots);
+        let mask: Vec<u16> = plan
+            .visible
+            .iter()
+            .map(|&v| if v { ZERO } else { NEG_INF })
+            .collect();
+        step.masks[s].write(&mask);
+        if let (Some(t), AttnSource::Gather { rows }) = (step.gather_rows[s], &plan.source) {
+            t.write(rows);
+        }
+    }
+}
