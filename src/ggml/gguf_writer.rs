@@ -205,3 +205,29 @@ pub fn quantize(ty: GgmlType, src: &[f32], row_len: usize) -> anyhow::Result<Vec
     }
     Ok(out)
 }
+
+/// Converts `n` elements of `ty` stored in `bytes` to f32 with ggml's dequantizers.
+pub fn dequantize(ty: GgmlType, bytes: &[u8], n: usize) -> anyhow::Result<Vec<f32>> {
+    let need = ty.row_bytes(n as u64).map(|b| b as usize);
+    if need != Some(bytes.len()) {
+        bail!(
+            "dequantize: {} bytes do not hold {n} {ty} values",
+            bytes.len()
+        );
+    }
+    let mut out = vec![0f32; n];
+    match ty {
+        GgmlType::F32 => {
+            for (o, b) in out.iter_mut().zip(bytes.chunks_exact(4)) {
+                *o = f32::from_le_bytes(b.try_into().unwrap());
+            }
+        }
+        GgmlType::I32 | GgmlType::I64 => bail!("dequantize: {ty} is not a float type"),
+        _ => unsafe {
+            let traits = sys::ggml_get_type_traits(ty.id());
+            let to_float = (*traits).to_float.context("no dequantizer for this type")?;
+            to_float(bytes.as_ptr().cast(), out.as_mut_ptr(), n as i64);
+        },
+    }
+    Ok(out)
+}

@@ -6,6 +6,7 @@
 
 pub mod hparams;
 pub mod mistral;
+pub mod synthetic;
 pub mod weights;
 
 pub use hparams::HParams;

@@ -1,0 +1,71 @@
+//! Shared test helpers: synthetic model files and an independent reference forward pass.
+#![allow(dead_code)]
+
+pub mod reference;
+
+use mistrald::engine::{Engine, EngineConfig};
+use mistrald::ggml::GgmlType;
+use mistrald::kv_cache::KvType;
+use mistrald::model::synthetic::{write_synthetic_model, SyntheticSpec};
+use mistrald::model::{MappedGguf, Model};
+use std::path::{Path, PathBuf};
+
+/// A temporary directory that lives as long as the returned value.
+pub fn tempdir() -> tempfile::TempDir {
+    tempfile::tempdir().expect("tempdir")
+}
+
+/// Writes a tiny model of `ty` weights into `dir` and returns its path.
+/// K-quants need rows of 256 values, so their tiny model is twice as wide.
+pub fn tiny_model(dir: &Path, ty: GgmlType) -> PathBuf {
+    let path = dir.join(format!("tiny-{}.gguf", ty.name()));
+    if !path.exists() {
+        let mut spec = SyntheticSpec::tiny(ty);
+        if ty.block_size() == 256 {
+            spec.n_embd = 256;
+            spec.n_head = 8;
+            spec.n_head_kv = 2;
+            spec.n_ff = 512;
+        }
+        write_synthetic_model(&path, &spec).expect("write tiny model");
+    }
+    path
+}
+
+/// Loads `path` into an engine.
+pub fn engine(path: &Path, kv: KvType, window: Option<usize>, batch: usize) -> Engine {
+    let model = Model::load(MappedGguf::open(path).unwrap()).unwrap();
+    let cfg = EngineConfig {
+        n_threads: 2,
+        kv_type: kv,
+        sliding_window: Some(window.unwrap_or(0)),
+        ctx_size: Some(256),
+        batch_size: batch,
+    };
+    Engine::new(model, cfg).unwrap()
+}
+
+/// A deterministic token sequence of length `n` drawn from the ordinary vocabulary.
+pub fn tokens(n: usize, seed: u32) -> Vec<u32> {
+    (0..n as u32)
+        .map(|i| 300 + (i.wrapping_mul(7919).wrapping_add(seed * 104729)) % 31000)
+        .collect()
+}
+
+/// Largest absolute difference between two equally long slices.
+pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len(), "length mismatch");
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+/// Index of the largest value.
+pub fn argmax(v: &[f32]) -> usize {
+    v.iter()
+        .enumerate()
+        .max_by(|a, b| a.1.total_cmp(b.1))
+        .map(|(i, _)| i)
+        .unwrap()
+}

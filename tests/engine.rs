@@ -1,0 +1,190 @@
+//! The engine against an independent reference forward pass, and its invariants: chunked
+//! prefill, token-by-token decoding and batched multi-sequence steps agree; the cache stays
+//! the same size however long generation runs.
+
+mod common;
+
+use common::reference::Reference;
+use common::*;
+use mistrald::engine::{BatchItem, Logits};
+use mistrald::ggml::GgmlType;
+use mistrald::kv_cache::KvType;
+
+fn rows(flat: &[f32], n_vocab: usize) -> Vec<&[f32]> {
+    flat.chunks(n_vocab).collect()
+}
+
+fn compare_to_reference(
+    ty: GgmlType,
+    kv: KvType,
+    window: Option<usize>,
+    n: usize,
+    batch: usize,
+) -> (f32, f32) {
+    let dir = tempdir();
+    let path = tiny_model(dir.path(), ty);
+    let reference = Reference::load(&path);
+    let toks = tokens(n, 1);
+    let want = reference.forward(&toks, window);
+    let mut eng = engine(&path, kv, window, batch);
+    let mut seq = eng.new_sequence().unwrap();
+    let got = eng.feed(&mut seq, &toks, Logits::All).unwrap();
+    let n_vocab = eng.hparams().n_vocab;
+    let got = rows(&got, n_vocab);
+    assert_eq!(got.len(), n);
+    let mut max_diff = 0f32;
+    let mut same_argmax = 0;
+    for (g, w) in got.iter().zip(&want) {
+        max_diff = max_diff.max(max_abs_diff(g, w));
+        same_argmax += (argmax(g) == argmax(w)) as usize;
+    }
+    (max_diff, same_argmax as f32 / n as f32)
+}
+
+#[test]
+fn f32_weights_f32_cache_full_attention_match_reference() {
+    let (diff, _) = compare_to_reference(GgmlType::F32, KvType::F32, None, 24, 512);
+    assert!(diff < 1e-3, "max abs diff {diff}");
+}
+
+#[test]
+fn f32_cache_sliding_window_over_several_windows_matches_reference() {
+    // window 8, 40 tokens, prefill chunks of 5: chunks wrap the ring and gather history.
+    let (diff, _) = compare_to_reference(GgmlType::F32, KvType::F32, Some(8), 40, 5);
+    assert!(diff < 1e-3, "max abs diff {diff}");
+    // one token at a time past the window
+    let (diff, _) = compare_to_reference(GgmlType::F32, KvType::F32, Some(8), 30, 1);
+    assert!(diff < 1e-3, "max abs diff {diff}");
+}
+
+#[test]
+fn f16_cache_matches_reference() {
+    let (diff, _) = compare_to_reference(GgmlType::F32, KvType::F16, None, 24, 512);
+    assert!(diff < 1e-2, "max abs diff {diff}");
+    let (diff, _) = compare_to_reference(GgmlType::F32, KvType::F16, Some(8), 40, 6);
+    assert!(diff < 1e-2, "max abs diff {diff}");
+}
+
+#[test]
+fn quantized_weights_agree_on_argmax() {
+    // Q4_0 on the natively built ggml also guards against its AMX path (which faults on
+    // machines whose CPU advertises AMX but whose kernel does not grant it).
+    for (ty, kv) in [
+        (GgmlType::Q4_0, KvType::F16),
+        (GgmlType::Q8_0, KvType::Q8_0),
+        (GgmlType::Q4K, KvType::F16),
+        (GgmlType::F16, KvType::F16),
+    ] {
+        let (_, agree) = compare_to_reference(ty, kv, Some(8), 40, 7);
+        assert!(agree >= 0.95, "{ty}/{kv:?}: argmax agreement {agree}");
+    }
+}
+
+#[test]
+fn chunked_token_by_token_and_batched_steps_agree() {
+    let dir = tempdir();
+    let path = tiny_model(dir.path(), GgmlType::F32);
+    let toks_a = tokens(30, 2);
+    let toks_b = tokens(23, 3);
+    // whole prompt in chunks of 7 (window 8: chunks wrap the ring)
+    let mut eng = engine(&path, KvType::F32, Some(8), 7);
+    let n_vocab = eng.hparams().n_vocab;
+    let mut s = eng.new_sequence().unwrap();
+    let chunked = eng.feed(&mut s, &toks_a, Logits::All).unwrap();
+    // one token at a time
+    let mut s = eng.new_sequence().unwrap();
+    let mut single = Vec::new();
+    for &t in &toks_a {
+        single.extend(eng.feed(&mut s, &[t], Logits::All).unwrap());
+    }
+    assert!(max_abs_diff(&chunked, &single) < 1e-4);
+    // two sequences interleaved in the same steps, with different chunk sizes
+    let mut a = eng.new_sequence().unwrap();
+    let mut b = eng.new_sequence().unwrap();
+    let (mut out_a, mut out_b) = (Vec::new(), Vec::new());
+    let (mut ia, mut ib) = (0, 0);
+    while ia < toks_a.len() || ib < toks_b.len() {
+        let na = (toks_a.len() - ia).min(3);
+        let nb = (toks_b.len() - ib).min(1);
+        let mut items = Vec::new();
+        if na > 0 {
+            items.push(BatchItem {
+                seq: &mut a,
+                tokens: &toks_a[ia..ia + na],
+                logits: Logits::All,
+            });
+        }
+        if nb > 0 {
+            items.push(BatchItem {
+                seq: &mut b,
+                tokens: &toks_b[ib..ib + nb],
+                logits: Logits::All,
+            });
+        }
+        let mut res = eng.step(&mut items).unwrap().into_iter();
+        if na > 0 {
+            out_a.extend(res.next().unwrap());
+        }
+        if nb > 0 {
+            out_b.extend(res.next().unwrap());
+        }
+        ia += na;
+        ib += nb;
+    }
+    assert!(max_abs_diff(&out_a, &chunked) < 1e-4);
+    let mut s = eng.new_sequence().unwrap();
+    let alone_b = eng.feed(&mut s, &toks_b, Logits::All).unwrap();
+    assert!(max_abs_diff(&out_b, &alone_b) < 1e-4);
+    assert_eq!(out_a.len(), toks_a.len() * n_vocab);
+}
+
+#[test]
+fn memory_stays_flat_far_past_the_window() {
+    let dir = tempdir();
+    let path = tiny_model(dir.path(), GgmlType::Q8_0);
+    let mut eng = engine(&path, KvType::F16, Some(16), 512);
+    let mut seq = eng.new_sequence().unwrap();
+    let cache_bytes = seq.cache().bytes();
+    assert_eq!(
+        cache_bytes,
+        2 * 2 * 16 * 64 * 2,
+        "2 layers x K,V x 16 slots x 64 values x 2 bytes"
+    );
+    eng.feed(&mut seq, &tokens(16, 4), Logits::Last).unwrap();
+    let compute = eng.compute_buffer_bytes();
+    let mut next = 500u32;
+    for _ in 0..200 {
+        let logits = eng.feed(&mut seq, &[next], Logits::Last).unwrap();
+        next = argmax(&logits) as u32;
+        assert_eq!(seq.cache().bytes(), cache_bytes);
+        assert_eq!(eng.compute_buffer_bytes(), compute);
+    }
+    assert_eq!(seq.n_past(), 216);
+    // a reset sequence reproduces a fresh one
+    seq.reset();
+    let a = eng.feed(&mut seq, &tokens(5, 9), Logits::Last).unwrap();
+    let mut fresh = eng.new_sequence().unwrap();
+    let b = eng.feed(&mut fresh, &tokens(5, 9), Logits::Last).unwrap();
+    assert!(max_abs_diff(&a, &b) < 1e-6);
+}
+
+#[test]
+fn full_attention_reports_a_full_context_and_bad_tokens() {
+    let dir = tempdir();
+    let path = tiny_model(dir.path(), GgmlType::F32);
+    let mut eng = engine(&path, KvType::F16, None, 512);
+    let mut seq = eng.new_sequence().unwrap();
+    eng.feed(&mut seq, &tokens(256, 1), Logits::None).unwrap();
+    let err = eng
+        .feed(&mut seq, &[5], Logits::Last)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("context full"), "{err}");
+    let mut seq = eng.new_sequence().unwrap();
+    let err = eng
+        .feed(&mut seq, &[32000], Logits::Last)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("outside the vocabulary"), "{err}");
+    assert_eq!(seq.n_past(), 0, "a failed step changes nothing");
+}
