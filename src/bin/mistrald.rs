@@ -1,1 +1,5 @@
-fn main() {}
+//! The mistrald binary: see `mistrald --help`.
+
+fn main() {
+    std::process::exit(mistrald::cli::main());
+}

@@ -186,6 +186,8 @@ fn vocab_size() -> usize {
 
 /// Writes a synthetic model to `path`.
 pub fn write_synthetic_model(path: &Path, spec: &SyntheticSpec) -> anyhow::Result<()> {
+    anyhow::ensure!(spec.n_embd % spec.n_head == 0, "n_embd must be a multiple of n_head");
+    anyhow::ensure!(spec.n_head % spec.n_head_kv == 0, "n_head must be a multiple of n_head_kv");
     write_model(path, spec, &synthetic_tensors(spec))
 }
 

@@ -1,0 +1,431 @@
+//! The `mistrald` command line: offline tools over a GGUF model (generate, tokenize, eval,
+//! bench, info) and the synthetic model writer.
+
+use crate::chat::{ChatMessage, ChatTemplate};
+use crate::engine::{Engine, EngineConfig, Logits};
+use crate::generation::{generate, GenerationParams};
+use crate::ggml::GgmlType;
+use crate::kv_cache::KvType;
+use crate::model::synthetic::{write_synthetic_model, SyntheticSpec};
+use crate::model::{MappedGguf, Model};
+use crate::sampler::SamplerConfig;
+use crate::tokenizer::Tokenizer;
+use anyhow::{bail, Context as _};
+use clap::{Args, Parser, Subcommand};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// mistrald: Mistral-architecture language models on Linux edge boards.
+#[derive(Parser, Debug)]
+#[command(name = "mistrald", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Generate text for a prompt, streamed to stdout.
+    Generate(GenerateArgs),
+    /// Print the token ids of a text.
+    Tokenize(TokenizeArgs),
+    /// Run a text through the model; print perplexity, optionally dump every position's logits.
+    Eval(EvalArgs),
+    /// Measure prefill and decode speed and peak memory.
+    Bench(BenchArgs),
+    /// Describe a model: architecture, shapes, quantization, window, memory.
+    Info(InfoArgs),
+    /// Write a random-weight Mistral-shaped GGUF model (for tests and benchmarks).
+    MakeModel(MakeModelArgs),
+}
+
+/// Options shared by every command that runs the model.
+#[derive(Args, Debug, Clone)]
+struct ModelArgs {
+    /// GGUF model file.
+    #[arg(long, short)]
+    model: PathBuf,
+    /// Compute threads (default: all cores).
+    #[arg(long, short)]
+    threads: Option<usize>,
+    /// Attention window in positions; 0 = full attention (default: the file's value, else full).
+    #[arg(long)]
+    sliding_window: Option<usize>,
+    /// KV cache element type.
+    #[arg(long, default_value = "f16")]
+    kv_type: KvType,
+    /// Context length per sequence (default: the model's, at most 8192).
+    #[arg(long)]
+    ctx_size: Option<usize>,
+    /// Most tokens per step (prefill chunk size).
+    #[arg(long, default_value_t = 512)]
+    batch_size: usize,
+}
+
+impl ModelArgs {
+    fn config(&self) -> EngineConfig {
+        let mut cfg = EngineConfig { kv_type: self.kv_type, sliding_window: self.sliding_window, ctx_size: self.ctx_size, batch_size: self.batch_size, ..EngineConfig::default() };
+        if let Some(t) = self.threads {
+            cfg.n_threads = t;
+        }
+        cfg
+    }
+
+    fn load(&self) -> anyhow::Result<(Engine, Tokenizer)> {
+        let file = MappedGguf::open(&self.model)?;
+        let tok = Tokenizer::for_model(&file.info, &self.model)?;
+        let model = Model::load(file)?;
+        if tok.vocab_size() != model.hparams.n_vocab {
+            bail!(
+                "{}: the tokenizer has {} tokens but the embedding matrix has {} rows",
+                self.model.display(),
+                tok.vocab_size(),
+                model.hparams.n_vocab
+            );
+        }
+        Ok((Engine::new(model, self.config())?, tok))
+    }
+}
+
+#[derive(Args, Debug)]
+struct GenerateArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// The prompt.
+    #[arg(long, short)]
+    prompt: String,
+    /// Treat the prompt as a user chat message (rendered with the model's chat template).
+    #[arg(long)]
+    chat: bool,
+    /// System message for --chat.
+    #[arg(long)]
+    system: Option<String>,
+    /// Most tokens to generate.
+    #[arg(long, short = 'n', default_value_t = 128)]
+    max_tokens: usize,
+    /// Sampling temperature (0 = greedy).
+    #[arg(long, default_value_t = 0.8)]
+    temperature: f32,
+    /// Top-k (0 = off).
+    #[arg(long, default_value_t = 40)]
+    top_k: usize,
+    /// Top-p (1 = off).
+    #[arg(long, default_value_t = 0.95)]
+    top_p: f32,
+    /// Min-p (0 = off).
+    #[arg(long, default_value_t = 0.05)]
+    min_p: f32,
+    /// Repetition penalty (1 = off).
+    #[arg(long, default_value_t = 1.1)]
+    repeat_penalty: f32,
+    /// Random seed for reproducible sampling.
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Stop generating at this text (repeatable).
+    #[arg(long)]
+    stop: Vec<String>,
+}
+
+#[derive(Args, Debug)]
+struct TokenizeArgs {
+    /// GGUF model or vocabulary file.
+    #[arg(long, short)]
+    model: PathBuf,
+    /// Print `{"tokens":[...]}`.
+    #[arg(long)]
+    json: bool,
+    /// Prepend the BOS token.
+    #[arg(long)]
+    bos: bool,
+    /// The text.
+    text: String,
+}
+
+#[derive(Args, Debug)]
+struct EvalArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Text to evaluate.
+    #[arg(long, group = "input")]
+    prompt: Option<String>,
+    /// Comma-separated token ids.
+    #[arg(long, group = "input", value_delimiter = ',')]
+    tokens: Option<Vec<u32>>,
+    /// File with the text.
+    #[arg(long, group = "input")]
+    file: Option<PathBuf>,
+    /// Write every position's logits (little-endian f32, [n_tokens][n_vocab]) here.
+    #[arg(long)]
+    dump_logits: Option<PathBuf>,
+    /// Print a JSON object.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args, Debug)]
+struct BenchArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Prompt tokens to prefill.
+    #[arg(long, default_value_t = 512)]
+    prompt_tokens: usize,
+    /// Tokens to decode one at a time after the prompt.
+    #[arg(long, default_value_t = 32)]
+    gen_tokens: usize,
+    /// Print a JSON object.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args, Debug)]
+struct InfoArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+}
+
+#[derive(Args, Debug)]
+struct MakeModelArgs {
+    /// Output file.
+    #[arg(long, short)]
+    out: PathBuf,
+    /// Shape: tiny (tests), small (~60M parameters, demos), 7b (Mistral 7B's shape).
+    #[arg(long, default_value = "small")]
+    preset: String,
+    /// Weight type: f32, f16, q8_0, q4_0, q4_1, q5_0, q5_1, q4_k, q5_k, q6_k.
+    #[arg(long = "type", default_value = "q8_0")]
+    weight_type: String,
+    /// Override the number of layers.
+    #[arg(long)]
+    layers: Option<usize>,
+    /// Record this sliding window in the file.
+    #[arg(long)]
+    sliding_window: Option<usize>,
+    /// Seed of the random weights.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+}
+
+/// Parses the command line and runs the command; returns the process exit code.
+pub fn main() -> i32 {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("mistrald: error: {e:#}");
+            1
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Generate(a) => cmd_generate(a),
+        Command::Tokenize(a) => cmd_tokenize(a),
+        Command::Eval(a) => cmd_eval(a),
+        Command::Bench(a) => cmd_bench(a),
+        Command::Info(a) => cmd_info(a),
+        Command::MakeModel(a) => cmd_make_model(a),
+    }
+}
+
+fn chat_template(engine: &Engine, tok: &Tokenizer) -> ChatTemplate {
+    let src = engine.model().gguf().get("tokenizer.chat_template").and_then(|v| v.as_str()).map(str::to_string);
+    let piece = |id: Option<u32>| id.and_then(|i| tok.piece(i)).unwrap_or("").to_string();
+    ChatTemplate::new(src, &piece(tok.bos()), &piece(tok.eos()))
+}
+
+fn cmd_generate(a: GenerateArgs) -> anyhow::Result<()> {
+    let (mut engine, tok) = a.model.load()?;
+    let prompt = if a.chat {
+        let mut msgs = Vec::new();
+        if let Some(s) = &a.system {
+            msgs.push(ChatMessage::new("system", s));
+        }
+        msgs.push(ChatMessage::new("user", &a.prompt));
+        tok.encode_with_control_tokens(&chat_template(&engine, &tok).render(&msgs)?)?
+    } else {
+        let mut ids: Vec<u32> = tok.bos().filter(|_| tok.adds_bos()).into_iter().collect();
+        ids.extend(tok.encode(&a.prompt)?);
+        ids
+    };
+    let params = GenerationParams {
+        max_tokens: a.max_tokens,
+        stop: a.stop,
+        sampler: SamplerConfig {
+            temperature: a.temperature,
+            top_k: a.top_k,
+            top_p: a.top_p,
+            min_p: a.min_p,
+            repeat_penalty: a.repeat_penalty,
+            seed: a.seed,
+            ..SamplerConfig::default()
+        },
+    };
+    let mut seq = engine.new_sequence()?;
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    let stats = generate(&mut engine, &tok, &mut seq, &prompt, &params, |piece| out.write_all(piece.as_bytes()).and_then(|_| out.flush()).is_ok())?;
+    writeln!(out)?;
+    eprintln!(
+        "[{} prompt tokens, {:.1} tok/s prefill; {} generated, {:.1} tok/s; finished: {}]",
+        stats.prompt_tokens,
+        stats.prompt_tokens as f64 / stats.prefill_seconds.max(1e-9),
+        stats.generated_tokens,
+        stats.generated_tokens as f64 / stats.decode_seconds.max(1e-9),
+        stats.finish.as_str()
+    );
+    Ok(())
+}
+
+fn cmd_tokenize(a: TokenizeArgs) -> anyhow::Result<()> {
+    let file = MappedGguf::open(&a.model)?;
+    let tok = Tokenizer::for_model(&file.info, &a.model)?;
+    let mut ids: Vec<u32> = if a.bos { tok.bos().into_iter().collect() } else { Vec::new() };
+    ids.extend(tok.encode(&a.text)?);
+    if a.json {
+        println!("{}", serde_json::json!({ "tokens": ids }));
+    } else {
+        println!("{}", ids.iter().map(u32::to_string).collect::<Vec<_>>().join(" "));
+    }
+    Ok(())
+}
+
+fn cmd_eval(a: EvalArgs) -> anyhow::Result<()> {
+    let (mut engine, tok) = a.model.load()?;
+    let text = match (&a.prompt, &a.file) {
+        (Some(p), _) => Some(p.clone()),
+        (None, Some(f)) => Some(std::fs::read_to_string(f).with_context(|| format!("cannot read {}", f.display()))?),
+        _ => None,
+    };
+    let ids: Vec<u32> = match (text, a.tokens) {
+        (Some(t), _) => {
+            let mut ids: Vec<u32> = tok.bos().filter(|_| tok.adds_bos()).into_iter().collect();
+            ids.extend(tok.encode(&t)?);
+            ids
+        }
+        (None, Some(ids)) => ids,
+        (None, None) => bail!("give the input with --prompt, --tokens or --file"),
+    };
+    if ids.is_empty() {
+        bail!("the input has no tokens");
+    }
+    let n_vocab = engine.hparams().n_vocab;
+    let mut seq = engine.new_sequence()?;
+    let t0 = Instant::now();
+    let logits = engine.feed(&mut seq, &ids, Logits::All)?;
+    let seconds = t0.elapsed().as_secs_f64();
+    let mut nll = 0f64;
+    for (i, next) in ids.iter().skip(1).enumerate() {
+        let row = &logits[i * n_vocab..(i + 1) * n_vocab];
+        let max = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
+        let lse = max + row.iter().map(|&l| (l as f64 - max).exp()).sum::<f64>().ln();
+        nll += lse - row[*next as usize] as f64;
+    }
+    let n_pred = ids.len().saturating_sub(1);
+    let ppl = if n_pred > 0 { (nll / n_pred as f64).exp() } else { f64::NAN };
+    if let Some(path) = &a.dump_logits {
+        let mut bytes = Vec::with_capacity(logits.len() * 4);
+        logits.iter().for_each(|v| bytes.extend(v.to_le_bytes()));
+        std::fs::write(path, bytes).with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    if a.json {
+        println!("{}", serde_json::json!({ "n_tokens": ids.len(), "n_vocab": n_vocab, "perplexity": if ppl.is_finite() { Some(ppl) } else { None }, "seconds": seconds }));
+    } else {
+        println!("tokens: {}\nperplexity: {ppl:.4}\ntime: {seconds:.3} s", ids.len());
+    }
+    Ok(())
+}
+
+/// Peak resident memory of this process in bytes.
+pub fn peak_rss_bytes() -> u64 {
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) };
+    usage.ru_maxrss as u64 * 1024
+}
+
+fn bench_tokens(n: usize) -> Vec<u32> {
+    (0..n).map(|i| ((i * 37) % 31000 + 3) as u32).collect()
+}
+
+fn cmd_bench(a: BenchArgs) -> anyhow::Result<()> {
+    let (mut engine, _tok) = a.model.load()?;
+    if a.prompt_tokens == 0 {
+        bail!("--prompt-tokens must be at least 1");
+    }
+    let mut seq = engine.new_sequence()?;
+    let prompt = bench_tokens(a.prompt_tokens);
+    let t0 = Instant::now();
+    engine.feed(&mut seq, &prompt, Logits::Last)?;
+    let prefill = t0.elapsed().as_secs_f64();
+    let mut cur = 100u32;
+    let t1 = Instant::now();
+    for _ in 0..a.gen_tokens {
+        engine.feed(&mut seq, &[cur], Logits::Last)?;
+        cur = (cur * 7 + 11) % 31000 + 3;
+    }
+    let decode = t1.elapsed().as_secs_f64();
+    let prefill_tok_s = a.prompt_tokens as f64 / prefill;
+    let decode_tok_s = if a.gen_tokens > 0 { a.gen_tokens as f64 / decode } else { 0.0 };
+    let rss = peak_rss_bytes();
+    if a.json {
+        println!("{}", serde_json::json!({ "prefill_tok_s": prefill_tok_s, "decode_tok_s": decode_tok_s, "peak_rss_bytes": rss, "kv_cache_bytes": seq.cache().bytes(), "threads": engine.config().n_threads }));
+    } else {
+        println!("prefill: {} tokens, {prefill_tok_s:.2} tok/s", a.prompt_tokens);
+        println!("decode:  {} tokens, {decode_tok_s:.2} tok/s", a.gen_tokens);
+        println!("peak RSS: {:.1} MiB, KV cache: {:.1} MiB", rss as f64 / 1048576.0, seq.cache().bytes() as f64 / 1048576.0);
+    }
+    Ok(())
+}
+
+fn cmd_info(a: InfoArgs) -> anyhow::Result<()> {
+    let (engine, tok) = a.model.load()?;
+    let hp = engine.hparams();
+    let m = engine.model();
+    let kv = engine.kv_shape();
+    let mib = |b: u64| b as f64 / 1048576.0;
+    println!("file:            {}", a.model.model.display());
+    println!("architecture:    {} ({})", hp.arch, m.gguf().get("general.name").and_then(|v| v.as_str()).unwrap_or("unnamed"));
+    println!("layers:          {}", hp.n_layer);
+    println!("width:           {} (FFN {})", hp.n_embd, hp.n_ff);
+    println!("heads:           {} query, {} key/value (head dim {}, group {})", hp.n_head, hp.n_head_kv, hp.head_dim, hp.gqa_group());
+    println!("vocabulary:      {} tokens", tok.vocab_size());
+    println!("rope base:       {}", hp.rope_freq_base);
+    println!("trained context: {}", hp.n_ctx_train);
+    println!("quantization:    {}", m.main_weight_type());
+    println!(
+        "window:          {} (file: {})",
+        kv.window.map_or("full attention".to_string(), |w| w.to_string()),
+        hp.sliding_window.map_or("none".to_string(), |w| w.to_string())
+    );
+    println!("KV cache:        {} slots x {} layers, {:?}: {:.1} MiB per sequence", kv.n_slots, kv.n_layer, kv.kv_type, mib(kv.total_bytes() as u64));
+    println!("weights:         {:.1} MiB (memory-mapped)", mib(m.weight_bytes()));
+    println!("chat template:   {}", if chat_template(&engine, &tok).is_model_template() { "from the model" } else { "Mistral Instruct (built in)" });
+    println!("threads:         {}", engine.config().n_threads);
+    Ok(())
+}
+
+fn cmd_make_model(a: MakeModelArgs) -> anyhow::Result<()> {
+    let ty = GgmlType::parse(&a.weight_type).with_context(|| format!("unknown weight type '{}'", a.weight_type))?;
+    let mut spec = match a.preset.as_str() {
+        "tiny" => SyntheticSpec::tiny(ty),
+        "small" => SyntheticSpec::small(ty),
+        "7b" => SyntheticSpec::mistral_7b(ty),
+        other => bail!("unknown preset '{other}' (tiny, small, 7b)"),
+    };
+    if let Some(l) = a.layers {
+        spec.n_layer = l;
+    }
+    if a.sliding_window.is_some() {
+        spec.sliding_window = a.sliding_window;
+    }
+    spec.seed = a.seed;
+    if ty.block_size() > 1 && (spec.n_embd % ty.block_size() != 0 || spec.n_ff % ty.block_size() != 0) {
+        bail!("preset '{}' has rows of {} values, not a multiple of the {ty} block size {}", a.preset, spec.n_embd, ty.block_size());
+    }
+    let t0 = Instant::now();
+    write_synthetic_model(Path::new(&a.out), &spec)?;
+    eprintln!("wrote {} ({} layers, width {}, {ty}) in {:.1} s", a.out.display(), spec.n_layer, spec.n_embd, t0.elapsed().as_secs_f64());
+    Ok(())
+}
