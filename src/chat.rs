@@ -16,7 +16,10 @@ pub struct ChatMessage {
 impl ChatMessage {
     /// A message with `role` and `content`.
     pub fn new(role: &str, content: &str) -> ChatMessage {
-        ChatMessage { role: role.into(), content: content.into() }
+        ChatMessage {
+            role: role.into(),
+            content: content.into(),
+        }
     }
 }
 
@@ -31,7 +34,11 @@ impl ChatTemplate {
     /// `template` is the GGUF's `tokenizer.chat_template` (if any); `bos`/`eos` the pieces of
     /// the model's BOS and EOS tokens.
     pub fn new(template: Option<String>, bos: &str, eos: &str) -> ChatTemplate {
-        ChatTemplate { source: template, bos: bos.into(), eos: eos.into() }
+        ChatTemplate {
+            source: template,
+            bos: bos.into(),
+            eos: eos.into(),
+        }
     }
 
     /// Whether the model's own template is used.
@@ -45,8 +52,14 @@ impl ChatTemplate {
         if messages.is_empty() {
             anyhow::bail!("a chat needs at least one message");
         }
-        if let Some(bad) = messages.iter().find(|m| !matches!(m.role.as_str(), "system" | "user" | "assistant")) {
-            anyhow::bail!("unknown chat role '{}' (expected system, user or assistant)", bad.role);
+        if let Some(bad) = messages
+            .iter()
+            .find(|m| !matches!(m.role.as_str(), "system" | "user" | "assistant"))
+        {
+            anyhow::bail!(
+                "unknown chat role '{}' (expected system, user or assistant)",
+                bad.role
+            );
         }
         match &self.source {
             Some(src) => self.render_jinja(src, messages),
@@ -60,7 +73,8 @@ impl ChatTemplate {
         env.add_function("raise_exception", |msg: String| -> Result<String, Error> {
             Err(Error::new(ErrorKind::InvalidOperation, msg))
         });
-        env.add_template("chat", src).map_err(|e| anyhow::anyhow!("invalid chat template in the model: {e}"))?;
+        env.add_template("chat", src)
+            .map_err(|e| anyhow::anyhow!("invalid chat template in the model: {e}"))?;
         let tmpl = env.get_template("chat").expect("just added");
         tmpl.render(context! {
             messages => messages,
@@ -111,17 +125,28 @@ mod tests {
                 ChatMessage::new("user", "Bye"),
             ])
             .unwrap();
-        assert_eq!(s, "<s>[INST] Be brief.\n\nHi [/INST]Hello.</s>[INST] Bye [/INST]");
+        assert_eq!(
+            s,
+            "<s>[INST] Be brief.\n\nHi [/INST]Hello.</s>[INST] Bye [/INST]"
+        );
     }
 
     #[test]
     fn model_template_is_rendered_with_python_methods_and_errors() {
         let src = "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}[INST] {{ m['content'].strip() }} [/INST]{% elif m['role'] == 'assistant' %}{{ m['content'] }}{{ eos_token }}{% else %}{{ raise_exception('no system') }}{% endif %}{% endfor %}";
         let t = ChatTemplate::new(Some(src.into()), "<s>", "</s>");
-        assert_eq!(t.render(&[ChatMessage::new("user", "  hi ")]).unwrap(), "<s>[INST] hi [/INST]");
-        let err = t.render(&[ChatMessage::new("system", "x")]).unwrap_err().to_string();
+        assert_eq!(
+            t.render(&[ChatMessage::new("user", "  hi ")]).unwrap(),
+            "<s>[INST] hi [/INST]"
+        );
+        let err = t
+            .render(&[ChatMessage::new("system", "x")])
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("no system"), "{err}");
-        assert!(ChatTemplate::new(Some("{% for %}".into()), "", "").render(&[ChatMessage::new("user", "x")]).is_err());
+        assert!(ChatTemplate::new(Some("{% for %}".into()), "", "")
+            .render(&[ChatMessage::new("user", "x")])
+            .is_err());
         assert!(t.render(&[ChatMessage::new("robot", "x")]).is_err());
     }
 }

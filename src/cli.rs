@@ -65,7 +65,13 @@ struct ModelArgs {
 
 impl ModelArgs {
     fn config(&self) -> EngineConfig {
-        let mut cfg = EngineConfig { kv_type: self.kv_type, sliding_window: self.sliding_window, ctx_size: self.ctx_size, batch_size: self.batch_size, ..EngineConfig::default() };
+        let mut cfg = EngineConfig {
+            kv_type: self.kv_type,
+            sliding_window: self.sliding_window,
+            ctx_size: self.ctx_size,
+            batch_size: self.batch_size,
+            ..EngineConfig::default()
+        };
         if let Some(t) = self.threads {
             cfg.n_threads = t;
         }
@@ -231,7 +237,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 fn chat_template(engine: &Engine, tok: &Tokenizer) -> ChatTemplate {
-    let src = engine.model().gguf().get("tokenizer.chat_template").and_then(|v| v.as_str()).map(str::to_string);
+    let src = engine
+        .model()
+        .gguf()
+        .get("tokenizer.chat_template")
+        .and_then(|v| v.as_str())
+        .map(str::to_string);
     let piece = |id: Option<u32>| id.and_then(|i| tok.piece(i)).unwrap_or("").to_string();
     ChatTemplate::new(src, &piece(tok.bos()), &piece(tok.eos()))
 }
@@ -266,7 +277,11 @@ fn cmd_generate(a: GenerateArgs) -> anyhow::Result<()> {
     let mut seq = engine.new_sequence()?;
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
-    let stats = generate(&mut engine, &tok, &mut seq, &prompt, &params, |piece| out.write_all(piece.as_bytes()).and_then(|_| out.flush()).is_ok())?;
+    let stats = generate(&mut engine, &tok, &mut seq, &prompt, &params, |piece| {
+        out.write_all(piece.as_bytes())
+            .and_then(|_| out.flush())
+            .is_ok()
+    })?;
     writeln!(out)?;
     eprintln!(
         "[{} prompt tokens, {:.1} tok/s prefill; {} generated, {:.1} tok/s; finished: {}]",
@@ -282,12 +297,19 @@ fn cmd_generate(a: GenerateArgs) -> anyhow::Result<()> {
 fn cmd_tokenize(a: TokenizeArgs) -> anyhow::Result<()> {
     let file = MappedGguf::open(&a.model)?;
     let tok = Tokenizer::for_model(&file.info, &a.model)?;
-    let mut ids: Vec<u32> = if a.bos { tok.bos().into_iter().collect() } else { Vec::new() };
+    let mut ids: Vec<u32> = if a.bos {
+        tok.bos().into_iter().collect()
+    } else {
+        Vec::new()
+    };
     ids.extend(tok.encode(&a.text)?);
     if a.json {
         println!("{}", serde_json::json!({ "tokens": ids }));
     } else {
-        println!("{}", ids.iter().map(u32::to_string).collect::<Vec<_>>().join(" "));
+        println!(
+            "{}",
+            ids.iter().map(u32::to_string).collect::<Vec<_>>().join(" ")
+        );
     }
     Ok(())
 }
@@ -296,7 +318,9 @@ fn cmd_eval(a: EvalArgs) -> anyhow::Result<()> {
     let (mut engine, tok) = a.model.load()?;
     let text = match (&a.prompt, &a.file) {
         (Some(p), _) => Some(p.clone()),
-        (None, Some(f)) => Some(std::fs::read_to_string(f).with_context(|| format!("cannot read {}", f.display()))?),
+        (None, Some(f)) => Some(
+            std::fs::read_to_string(f).with_context(|| format!("cannot read {}", f.display()))?,
+        ),
         _ => None,
     };
     let ids: Vec<u32> = match (text, a.tokens) {
@@ -320,20 +344,35 @@ fn cmd_eval(a: EvalArgs) -> anyhow::Result<()> {
     for (i, next) in ids.iter().skip(1).enumerate() {
         let row = &logits[i * n_vocab..(i + 1) * n_vocab];
         let max = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
-        let lse = max + row.iter().map(|&l| (l as f64 - max).exp()).sum::<f64>().ln();
+        let lse = max
+            + row
+                .iter()
+                .map(|&l| (l as f64 - max).exp())
+                .sum::<f64>()
+                .ln();
         nll += lse - row[*next as usize] as f64;
     }
     let n_pred = ids.len().saturating_sub(1);
-    let ppl = if n_pred > 0 { (nll / n_pred as f64).exp() } else { f64::NAN };
+    let ppl = if n_pred > 0 {
+        (nll / n_pred as f64).exp()
+    } else {
+        f64::NAN
+    };
     if let Some(path) = &a.dump_logits {
         let mut bytes = Vec::with_capacity(logits.len() * 4);
         logits.iter().for_each(|v| bytes.extend(v.to_le_bytes()));
         std::fs::write(path, bytes).with_context(|| format!("cannot write {}", path.display()))?;
     }
     if a.json {
-        println!("{}", serde_json::json!({ "n_tokens": ids.len(), "n_vocab": n_vocab, "perplexity": if ppl.is_finite() { Some(ppl) } else { None }, "seconds": seconds }));
+        println!(
+            "{}",
+            serde_json::json!({ "n_tokens": ids.len(), "n_vocab": n_vocab, "perplexity": if ppl.is_finite() { Some(ppl) } else { None }, "seconds": seconds })
+        );
     } else {
-        println!("tokens: {}\nperplexity: {ppl:.4}\ntime: {seconds:.3} s", ids.len());
+        println!(
+            "tokens: {}\nperplexity: {ppl:.4}\ntime: {seconds:.3} s",
+            ids.len()
+        );
     }
     Ok(())
 }
@@ -367,14 +406,28 @@ fn cmd_bench(a: BenchArgs) -> anyhow::Result<()> {
     }
     let decode = t1.elapsed().as_secs_f64();
     let prefill_tok_s = a.prompt_tokens as f64 / prefill;
-    let decode_tok_s = if a.gen_tokens > 0 { a.gen_tokens as f64 / decode } else { 0.0 };
+    let decode_tok_s = if a.gen_tokens > 0 {
+        a.gen_tokens as f64 / decode
+    } else {
+        0.0
+    };
     let rss = peak_rss_bytes();
     if a.json {
-        println!("{}", serde_json::json!({ "prefill_tok_s": prefill_tok_s, "decode_tok_s": decode_tok_s, "peak_rss_bytes": rss, "kv_cache_bytes": seq.cache().bytes(), "threads": engine.config().n_threads }));
+        println!(
+            "{}",
+            serde_json::json!({ "prefill_tok_s": prefill_tok_s, "decode_tok_s": decode_tok_s, "peak_rss_bytes": rss, "kv_cache_bytes": seq.cache().bytes(), "threads": engine.config().n_threads })
+        );
     } else {
-        println!("prefill: {} tokens, {prefill_tok_s:.2} tok/s", a.prompt_tokens);
+        println!(
+            "prefill: {} tokens, {prefill_tok_s:.2} tok/s",
+            a.prompt_tokens
+        );
         println!("decode:  {} tokens, {decode_tok_s:.2} tok/s", a.gen_tokens);
-        println!("peak RSS: {:.1} MiB, KV cache: {:.1} MiB", rss as f64 / 1048576.0, seq.cache().bytes() as f64 / 1048576.0);
+        println!(
+            "peak RSS: {:.1} MiB, KV cache: {:.1} MiB",
+            rss as f64 / 1048576.0,
+            seq.cache().bytes() as f64 / 1048576.0
+        );
     }
     Ok(())
 }
@@ -386,28 +439,60 @@ fn cmd_info(a: InfoArgs) -> anyhow::Result<()> {
     let kv = engine.kv_shape();
     let mib = |b: u64| b as f64 / 1048576.0;
     println!("file:            {}", a.model.model.display());
-    println!("architecture:    {} ({})", hp.arch, m.gguf().get("general.name").and_then(|v| v.as_str()).unwrap_or("unnamed"));
+    println!(
+        "architecture:    {} ({})",
+        hp.arch,
+        m.gguf()
+            .get("general.name")
+            .and_then(|v| v.as_str())
+            .unwrap_or("unnamed")
+    );
     println!("layers:          {}", hp.n_layer);
     println!("width:           {} (FFN {})", hp.n_embd, hp.n_ff);
-    println!("heads:           {} query, {} key/value (head dim {}, group {})", hp.n_head, hp.n_head_kv, hp.head_dim, hp.gqa_group());
+    println!(
+        "heads:           {} query, {} key/value (head dim {}, group {})",
+        hp.n_head,
+        hp.n_head_kv,
+        hp.head_dim,
+        hp.gqa_group()
+    );
     println!("vocabulary:      {} tokens", tok.vocab_size());
     println!("rope base:       {}", hp.rope_freq_base);
     println!("trained context: {}", hp.n_ctx_train);
     println!("quantization:    {}", m.main_weight_type());
     println!(
         "window:          {} (file: {})",
-        kv.window.map_or("full attention".to_string(), |w| w.to_string()),
-        hp.sliding_window.map_or("none".to_string(), |w| w.to_string())
+        kv.window
+            .map_or("full attention".to_string(), |w| w.to_string()),
+        hp.sliding_window
+            .map_or("none".to_string(), |w| w.to_string())
     );
-    println!("KV cache:        {} slots x {} layers, {:?}: {:.1} MiB per sequence", kv.n_slots, kv.n_layer, kv.kv_type, mib(kv.total_bytes() as u64));
-    println!("weights:         {:.1} MiB (memory-mapped)", mib(m.weight_bytes()));
-    println!("chat template:   {}", if chat_template(&engine, &tok).is_model_template() { "from the model" } else { "Mistral Instruct (built in)" });
+    println!(
+        "KV cache:        {} slots x {} layers, {:?}: {:.1} MiB per sequence",
+        kv.n_slots,
+        kv.n_layer,
+        kv.kv_type,
+        mib(kv.total_bytes() as u64)
+    );
+    println!(
+        "weights:         {:.1} MiB (memory-mapped)",
+        mib(m.weight_bytes())
+    );
+    println!(
+        "chat template:   {}",
+        if chat_template(&engine, &tok).is_model_template() {
+            "from the model"
+        } else {
+            "Mistral Instruct (built in)"
+        }
+    );
     println!("threads:         {}", engine.config().n_threads);
     Ok(())
 }
 
 fn cmd_make_model(a: MakeModelArgs) -> anyhow::Result<()> {
-    let ty = GgmlType::parse(&a.weight_type).with_context(|| format!("unknown weight type '{}'", a.weight_type))?;
+    let ty = GgmlType::parse(&a.weight_type)
+        .with_context(|| format!("unknown weight type '{}'", a.weight_type))?;
     let mut spec = match a.preset.as_str() {
         "tiny" => SyntheticSpec::tiny(ty),
         "small" => SyntheticSpec::small(ty),
@@ -421,11 +506,24 @@ fn cmd_make_model(a: MakeModelArgs) -> anyhow::Result<()> {
         spec.sliding_window = a.sliding_window;
     }
     spec.seed = a.seed;
-    if ty.block_size() > 1 && (spec.n_embd % ty.block_size() != 0 || spec.n_ff % ty.block_size() != 0) {
-        bail!("preset '{}' has rows of {} values, not a multiple of the {ty} block size {}", a.preset, spec.n_embd, ty.block_size());
+    if ty.block_size() > 1
+        && (spec.n_embd % ty.block_size() != 0 || spec.n_ff % ty.block_size() != 0)
+    {
+        bail!(
+            "preset '{}' has rows of {} values, not a multiple of the {ty} block size {}",
+            a.preset,
+            spec.n_embd,
+            ty.block_size()
+        );
     }
     let t0 = Instant::now();
     write_synthetic_model(Path::new(&a.out), &spec)?;
-    eprintln!("wrote {} ({} layers, width {}, {ty}) in {:.1} s", a.out.display(), spec.n_layer, spec.n_embd, t0.elapsed().as_secs_f64());
+    eprintln!(
+        "wrote {} ({} layers, width {}, {ty}) in {:.1} s",
+        a.out.display(),
+        spec.n_layer,
+        spec.n_embd,
+        t0.elapsed().as_secs_f64()
+    );
     Ok(())
 }

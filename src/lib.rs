@@ -2,12 +2,12 @@
 //!
 //! See `ARCHITECTURE.md` for the module map and the path of a request.
 
+pub mod chat;
+pub mod cli;
 pub mod engine;
 pub mod generation;
 pub mod ggml;
 pub mod kv_cache;
-pub mod chat;
-pub mod cli;
 pub mod model;
 pub mod sampler;
 pub mod tokenizer;

@@ -28,20 +28,38 @@ pub struct SamplerConfig {
 
 impl Default for SamplerConfig {
     fn default() -> Self {
-        SamplerConfig { temperature: 0.8, top_k: 40, top_p: 0.95, min_p: 0.05, repeat_penalty: 1.1, repeat_last_n: 64, seed: None }
+        SamplerConfig {
+            temperature: 0.8,
+            top_k: 40,
+            top_p: 0.95,
+            min_p: 0.05,
+            repeat_penalty: 1.1,
+            repeat_last_n: 64,
+            seed: None,
+        }
     }
 }
 
 impl SamplerConfig {
     /// Greedy decoding without penalties.
     pub fn greedy() -> SamplerConfig {
-        SamplerConfig { temperature: 0.0, top_k: 0, top_p: 1.0, min_p: 0.0, repeat_penalty: 1.0, ..Default::default() }
+        SamplerConfig {
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            min_p: 0.0,
+            repeat_penalty: 1.0,
+            ..Default::default()
+        }
     }
 
     /// Checks ranges; the message names the offending setting.
     pub fn validate(&self) -> Result<(), String> {
         if !(self.temperature.is_finite() && self.temperature >= 0.0 && self.temperature <= 100.0) {
-            return Err(format!("temperature {} must be between 0 and 100", self.temperature));
+            return Err(format!(
+                "temperature {} must be between 0 and 100",
+                self.temperature
+            ));
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
             return Err(format!("top_p {} must be in (0, 1]", self.top_p));
@@ -50,7 +68,10 @@ impl SamplerConfig {
             return Err(format!("min_p {} must be in [0, 1]", self.min_p));
         }
         if !(self.repeat_penalty.is_finite() && self.repeat_penalty > 0.0) {
-            return Err(format!("repeat_penalty {} must be positive", self.repeat_penalty));
+            return Err(format!(
+                "repeat_penalty {} must be positive",
+                self.repeat_penalty
+            ));
         }
         Ok(())
     }
@@ -70,7 +91,11 @@ impl Sampler {
             Some(s) => StdRng::seed_from_u64(s),
             None => StdRng::from_os_rng(),
         };
-        Sampler { cfg, rng, recent: VecDeque::new() }
+        Sampler {
+            cfg,
+            rng,
+            recent: VecDeque::new(),
+        }
     }
 
     /// Records a token that is part of the context (prompt or output) for the penalty.
@@ -90,14 +115,23 @@ impl Sampler {
         if self.cfg.repeat_penalty != 1.0 {
             for &t in &self.recent {
                 if let Some(l) = logits.get_mut(t as usize) {
-                    *l = if *l > 0.0 { *l / self.cfg.repeat_penalty } else { *l * self.cfg.repeat_penalty };
+                    *l = if *l > 0.0 {
+                        *l / self.cfg.repeat_penalty
+                    } else {
+                        *l * self.cfg.repeat_penalty
+                    };
                 }
             }
         }
         if self.cfg.temperature <= 0.0 {
             return argmax(&logits);
         }
-        let mut cands: Vec<(u32, f32)> = logits.iter().enumerate().filter(|(_, l)| l.is_finite()).map(|(i, &l)| (i as u32, l)).collect();
+        let mut cands: Vec<(u32, f32)> = logits
+            .iter()
+            .enumerate()
+            .filter(|(_, l)| l.is_finite())
+            .map(|(i, &l)| (i as u32, l))
+            .collect();
         if cands.is_empty() {
             return argmax(&logits);
         }
@@ -106,7 +140,10 @@ impl Sampler {
             cands.truncate(self.cfg.top_k);
         }
         let max = cands[0].1;
-        let mut probs: Vec<f32> = cands.iter().map(|&(_, l)| ((l - max) / self.cfg.temperature).exp()).collect();
+        let mut probs: Vec<f32> = cands
+            .iter()
+            .map(|&(_, l)| ((l - max) / self.cfg.temperature).exp())
+            .collect();
         let sum: f32 = probs.iter().sum();
         probs.iter_mut().for_each(|p| *p /= sum);
         let mut keep = probs.len();
@@ -138,7 +175,11 @@ impl Sampler {
 
 /// Index of the largest logit.
 pub fn argmax(logits: &[f32]) -> u32 {
-    logits.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map_or(0, |(i, _)| i as u32)
+    logits
+        .iter()
+        .enumerate()
+        .max_by(|a, b| a.1.total_cmp(b.1))
+        .map_or(0, |(i, _)| i as u32)
 }
 
 #[cfg(test)]
@@ -154,7 +195,15 @@ mod tests {
     #[test]
     fn seeded_sampling_is_reproducible_and_respects_top_k() {
         let logits: Vec<f32> = (0..100).map(|i| (i as f32 * 0.37).sin()).collect();
-        let cfg = SamplerConfig { temperature: 1.5, top_k: 5, seed: Some(9), repeat_penalty: 1.0, min_p: 0.0, top_p: 1.0, ..Default::default() };
+        let cfg = SamplerConfig {
+            temperature: 1.5,
+            top_k: 5,
+            seed: Some(9),
+            repeat_penalty: 1.0,
+            min_p: 0.0,
+            top_p: 1.0,
+            ..Default::default()
+        };
         let mut order: Vec<u32> = (0..100).collect();
         order.sort_by(|&a, &b| logits[b as usize].total_cmp(&logits[a as usize]));
         let top5 = &order[..5];
@@ -165,24 +214,47 @@ mod tests {
         let a = run(&cfg);
         assert_eq!(a, run(&cfg));
         assert!(a.iter().all(|t| top5.contains(t)));
-        assert!(top5.iter().filter(|t| a.contains(t)).count() >= 3, "samples spread over the top 5");
+        assert!(
+            top5.iter().filter(|t| a.contains(t)).count() >= 3,
+            "samples spread over the top 5"
+        );
     }
 
     #[test]
     fn top_p_and_min_p_cut_the_tail() {
         let logits = [10.0, 9.9, 0.0, -5.0];
-        let cfg = SamplerConfig { temperature: 1.0, top_k: 0, top_p: 0.9, min_p: 0.0, repeat_penalty: 1.0, seed: Some(1), ..Default::default() };
+        let cfg = SamplerConfig {
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 0.9,
+            min_p: 0.0,
+            repeat_penalty: 1.0,
+            seed: Some(1),
+            ..Default::default()
+        };
         let mut s = Sampler::new(cfg.clone());
         assert!((0..300).all(|_| s.sample(&logits) < 2));
-        let mut s = Sampler::new(SamplerConfig { top_p: 1.0, min_p: 0.5, ..cfg });
+        let mut s = Sampler::new(SamplerConfig {
+            top_p: 1.0,
+            min_p: 0.5,
+            ..cfg
+        });
         assert!((0..300).all(|_| s.sample(&logits) < 2));
     }
 
     #[test]
     fn repetition_penalty_discourages_recent_tokens() {
-        let mut s = Sampler::new(SamplerConfig { repeat_penalty: 2.0, ..SamplerConfig::greedy() });
+        let mut s = Sampler::new(SamplerConfig {
+            repeat_penalty: 2.0,
+            ..SamplerConfig::greedy()
+        });
         s.accept(0);
         assert_eq!(s.sample(&[2.0, 1.5]), 1);
-        assert!(SamplerConfig { top_p: 0.0, ..Default::default() }.validate().is_err());
+        assert!(SamplerConfig {
+            top_p: 0.0,
+            ..Default::default()
+        }
+        .validate()
+        .is_err());
     }
 }

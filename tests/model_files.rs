@@ -11,10 +11,16 @@ use mistrald::model::{MappedGguf, Model};
 use std::path::{Path, PathBuf};
 
 fn load(path: &Path) -> Result<Model, String> {
-    MappedGguf::open(path).and_then(Model::load).map_err(|e| format!("{e:#}"))
+    MappedGguf::open(path)
+        .and_then(Model::load)
+        .map_err(|e| format!("{e:#}"))
 }
 
-fn write(dir: &Path, name: &str, edit: impl FnOnce(&mut SyntheticSpec, &mut Vec<(String, GgmlType, Vec<i64>)>)) -> PathBuf {
+fn write(
+    dir: &Path,
+    name: &str,
+    edit: impl FnOnce(&mut SyntheticSpec, &mut Vec<(String, GgmlType, Vec<i64>)>),
+) -> PathBuf {
     let mut spec = SyntheticSpec::tiny(GgmlType::Q8_0);
     spec.n_layer = 1;
     let mut tensors = synthetic_tensors(&spec);
@@ -26,16 +32,29 @@ fn write(dir: &Path, name: &str, edit: impl FnOnce(&mut SyntheticSpec, &mut Vec<
 
 fn assert_error(result: Result<Model, String>, path: &Path, needle: &str) {
     let err = match result {
-        Ok(_) => panic!("{} loaded, expected an error containing {needle:?}", path.display()),
+        Ok(_) => panic!(
+            "{} loaded, expected an error containing {needle:?}",
+            path.display()
+        ),
         Err(e) => e,
     };
-    assert!(err.contains(&path.display().to_string()), "error does not name the file: {err}");
-    assert!(err.contains(needle), "error {err:?} does not say {needle:?}");
+    assert!(
+        err.contains(&path.display().to_string()),
+        "error does not name the file: {err}"
+    );
+    assert!(
+        err.contains(needle),
+        "error {err:?} does not say {needle:?}"
+    );
 }
 
 /// Offset of the type field of tensor `name` in the header.
 fn tensor_type_offset(bytes: &[u8], name: &str) -> usize {
-    let at = bytes.windows(name.len()).position(|w| w == name.as_bytes()).unwrap() + name.len();
+    let at = bytes
+        .windows(name.len())
+        .position(|w| w == name.as_bytes())
+        .unwrap()
+        + name.len();
     let n_dims = u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap()) as usize;
     at + 4 + 8 * n_dims
 }
@@ -69,9 +88,14 @@ fn truncated_files() {
     let full = std::fs::read(&path).unwrap();
     for keep in [3, 20, 200, full.len() / 2, full.len() - 1] {
         std::fs::write(&path, &full[..keep]).unwrap();
-        let err = load(&path).err().unwrap_or_else(|| panic!("truncated to {keep} loaded"));
+        let err = load(&path)
+            .err()
+            .unwrap_or_else(|| panic!("truncated to {keep} loaded"));
         assert!(err.contains(&path.display().to_string()), "{err}");
-        assert!(err.contains("truncated") || err.contains("end of file") || err.contains("not a GGUF"), "{keep}: {err}");
+        assert!(
+            err.contains("truncated") || err.contains("end of file") || err.contains("not a GGUF"),
+            "{keep}: {err}"
+        );
     }
     let empty = dir.path().join("empty.gguf");
     std::fs::write(&empty, b"").unwrap();
@@ -81,7 +105,9 @@ fn truncated_files() {
 #[test]
 fn missing_tensor_and_missing_file() {
     let dir = tempdir();
-    let path = write(dir.path(), "mt.gguf", |_, t| t.retain(|(n, ..)| n != "blk.0.ffn_up.weight"));
+    let path = write(dir.path(), "mt.gguf", |_, t| {
+        t.retain(|(n, ..)| n != "blk.0.ffn_up.weight")
+    });
     assert_error(load(&path), &path, "missing tensor 'blk.0.ffn_up.weight'");
     let nowhere = dir.path().join("does-not-exist.gguf");
     assert_error(load(&nowhere), &nowhere, "cannot open model file");
@@ -92,10 +118,17 @@ fn missing_tensor_and_missing_file() {
 fn shape_mismatch() {
     let dir = tempdir();
     let path = write(dir.path(), "shape.gguf", |_, t| {
-        let wk = t.iter_mut().find(|(n, ..)| n == "blk.0.attn_k.weight").unwrap();
+        let wk = t
+            .iter_mut()
+            .find(|(n, ..)| n == "blk.0.attn_k.weight")
+            .unwrap();
         wk.2 = vec![128, 96];
     });
-    assert_error(load(&path), &path, "tensor 'blk.0.attn_k.weight' has shape [128, 96], expected [128, 64]");
+    assert_error(
+        load(&path),
+        &path,
+        "tensor 'blk.0.attn_k.weight' has shape [128, 96], expected [128, 64]",
+    );
 }
 
 #[test]
@@ -127,7 +160,12 @@ fn absurd_sizes() {
     // a dimension
     let mut b = good.clone();
     let name = "output_norm.weight";
-    let at = b.windows(name.len()).position(|w| w == name.as_bytes()).unwrap() + name.len() + 4;
+    let at = b
+        .windows(name.len())
+        .position(|w| w == name.as_bytes())
+        .unwrap()
+        + name.len()
+        + 4;
     b[at..at + 8].copy_from_slice(&(1u64 << 50).to_le_bytes());
     std::fs::write(&path, &b).unwrap();
     assert_error(load(&path), &path, "absurd dimension");

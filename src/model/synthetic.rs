@@ -186,8 +186,14 @@ fn vocab_size() -> usize {
 
 /// Writes a synthetic model to `path`.
 pub fn write_synthetic_model(path: &Path, spec: &SyntheticSpec) -> anyhow::Result<()> {
-    anyhow::ensure!(spec.n_embd % spec.n_head == 0, "n_embd must be a multiple of n_head");
-    anyhow::ensure!(spec.n_head % spec.n_head_kv == 0, "n_head must be a multiple of n_head_kv");
+    anyhow::ensure!(
+        spec.n_embd % spec.n_head == 0,
+        "n_embd must be a multiple of n_head"
+    );
+    anyhow::ensure!(
+        spec.n_head % spec.n_head_kv == 0,
+        "n_head must be a multiple of n_head_kv"
+    );
     write_model(path, spec, &synthetic_tensors(spec))
 }
 
@@ -198,14 +204,6 @@ pub fn write_model(
     spec: &SyntheticSpec,
     tensors: &[TensorDecl],
 ) -> anyhow::Result<()> {
-    anyhow::ensure!(
-        spec.n_embd % spec.n_head == 0,
-        "n_embd must be a multiple of n_head"
-    );
-    anyhow::ensure!(
-        spec.n_head % spec.n_head_kv == 0,
-        "n_head must be a multiple of n_head_kv"
-    );
     let vocab = vocab();
     let head_dim = spec.n_embd / spec.n_head;
     let mut w = GgufWriter::new(tensors.len())?;

@@ -1,0 +1,162 @@
+//! The `mistrald` command line, run as a real process.
+
+mod common;
+
+use common::{tempdir, tiny_model};
+use mistrald::ggml::GgmlType;
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn mistrald(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_mistrald"))
+        .args(args)
+        .output()
+        .expect("run mistrald")
+}
+
+fn stdout(o: &Output) -> String {
+    assert!(
+        o.status.success(),
+        "failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8(o.stdout.clone()).unwrap()
+}
+
+fn vocab() -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/data/ggml-vocab-llama-spm.gguf")
+        .display()
+        .to_string()
+}
+
+#[test]
+fn tokenize_works_on_a_vocabulary_only_file() {
+    let out = stdout(&mistrald(&[
+        "tokenize",
+        "--model",
+        &vocab(),
+        "--json",
+        " Hello, world!",
+    ]));
+    assert_eq!(out.trim(), r#"{"tokens":[29871,15043,29892,3186,29991]}"#);
+    let out = stdout(&mistrald(&[
+        "tokenize",
+        "--model",
+        &vocab(),
+        "--bos",
+        "Hello world",
+    ]));
+    assert_eq!(out.trim(), "1 15043 3186");
+}
+
+#[test]
+fn generate_is_reproducible_with_a_seed_and_eval_dumps_logits() {
+    let dir = tempdir();
+    let model = tiny_model(dir.path(), GgmlType::Q8_0);
+    let m = model.to_str().unwrap();
+    let args = [
+        "generate",
+        "--model",
+        m,
+        "--prompt",
+        "Once upon a time",
+        "--max-tokens",
+        "12",
+        "--seed",
+        "5",
+        "--threads",
+        "2",
+    ];
+    let a = stdout(&mistrald(&args));
+    let b = stdout(&mistrald(&args));
+    assert_eq!(a, b);
+    assert!(!a.trim().is_empty());
+    let chat = mistrald(&[
+        "generate",
+        "--model",
+        m,
+        "--prompt",
+        "hi",
+        "--chat",
+        "--max-tokens",
+        "3",
+        "--temperature",
+        "0",
+    ]);
+    assert!(chat.status.success());
+
+    let dump = dir.path().join("logits.bin");
+    let out = stdout(&mistrald(&[
+        "eval",
+        "--model",
+        m,
+        "--tokens",
+        "1,450,4996,17354",
+        "--json",
+        "--dump-logits",
+        dump.to_str().unwrap(),
+    ]));
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(v["n_tokens"], 4);
+    assert!(v["perplexity"].as_f64().unwrap() > 1.0);
+    assert_eq!(std::fs::metadata(&dump).unwrap().len(), 4 * 32000 * 4);
+}
+
+#[test]
+fn bench_and_info_report() {
+    let dir = tempdir();
+    let model = tiny_model(dir.path(), GgmlType::Q4_0);
+    let m = model.to_str().unwrap();
+    let out = stdout(&mistrald(&[
+        "bench",
+        "--model",
+        m,
+        "--prompt-tokens",
+        "16",
+        "--gen-tokens",
+        "4",
+        "--threads",
+        "2",
+        "--json",
+    ]));
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    for key in ["prefill_tok_s", "decode_tok_s", "peak_rss_bytes"] {
+        assert!(v[key].as_f64().unwrap() > 0.0, "{key} in {out}");
+    }
+    let out = stdout(&mistrald(&[
+        "info",
+        "--model",
+        m,
+        "--sliding-window",
+        "64",
+        "--kv-type",
+        "q8_0",
+    ]));
+    assert!(out.contains("window:          64"), "{out}");
+    assert!(out.contains("quantization:    q4_0"), "{out}");
+    assert!(out.contains("4 query, 2 key/value"), "{out}");
+}
+
+#[test]
+fn bad_input_exits_non_zero_with_a_clear_message() {
+    let o = mistrald(&[
+        "generate",
+        "--model",
+        "/nonexistent/model.gguf",
+        "--prompt",
+        "x",
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("cannot open model file /nonexistent/model.gguf"),
+        "{err}"
+    );
+    let o = mistrald(&["info", "--model", &vocab(), "--kv-type", "q4"]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("unknown KV cache type 'q4'"));
+    let o = mistrald(&["generate", "--model", &vocab(), "--prompt", "x"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("vocabulary-only"));
+}
