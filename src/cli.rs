@@ -7,7 +7,7 @@ use crate::generation::{generate, GenerationParams};
 use crate::ggml::GgmlType;
 use crate::kv_cache::KvType;
 use crate::model::synthetic::{write_synthetic_model, SyntheticSpec};
-use crate::model::{MappedGguf, Model};
+use crate::model::{LoadOptions, MappedGguf, Model};
 use crate::sampler::SamplerConfig;
 use crate::tokenizer::Tokenizer;
 use anyhow::{bail, Context as _};
@@ -61,6 +61,10 @@ struct ModelArgs {
     /// Most tokens per step (prefill chunk size).
     #[arg(long, default_value_t = 512)]
     batch_size: usize,
+    /// Convert weight matrices to ggml's repacked layout at load time (faster matrix
+    /// products; those weights then live in anonymous memory instead of the file's pages).
+    #[arg(long)]
+    repack: bool,
 }
 
 impl ModelArgs {
@@ -81,7 +85,12 @@ impl ModelArgs {
     fn load(&self) -> anyhow::Result<(Engine, Tokenizer)> {
         let file = MappedGguf::open(&self.model)?;
         let tok = Tokenizer::for_model(&file.info, &self.model)?;
-        let model = Model::load(file)?;
+        let model = Model::load_with(
+            file,
+            LoadOptions {
+                repack: self.repack,
+            },
+        )?;
         if tok.vocab_size() != model.hparams.n_vocab {
             bail!(
                 "{}: the tokenizer has {} tokens but the embedding matrix has {} rows",

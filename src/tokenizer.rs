@@ -200,6 +200,14 @@ impl Tokenizer {
         })
     }
 
+    /// Writes the tokenizer as a Hugging Face `tokenizer.json` (which [`Tokenizer::for_model`]
+    /// picks up when it lies beside a model).
+    pub fn save_json(&self, path: &Path) -> anyhow::Result<()> {
+        self.hf
+            .save(path, false)
+            .map_err(|e| anyhow!("cannot write {}: {e}", path.display()))
+    }
+
     /// Number of tokens in the vocabulary.
     pub fn vocab_size(&self) -> usize {
         self.pieces.len()

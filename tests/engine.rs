@@ -188,3 +188,38 @@ fn full_attention_reports_a_full_context_and_bad_tokens() {
     assert!(err.contains("outside the vocabulary"), "{err}");
     assert_eq!(seq.n_past(), 0, "a failed step changes nothing");
 }
+
+#[test]
+fn repacked_weights_give_the_same_logits() {
+    use mistrald::engine::{Engine, EngineConfig};
+    use mistrald::model::{LoadOptions, MappedGguf, Model};
+    let dir = tempdir();
+    let path = tiny_model(dir.path(), GgmlType::Q4_0);
+    let toks = tokens(20, 6);
+    let run = |repack: bool| {
+        let model =
+            Model::load_with(MappedGguf::open(&path).unwrap(), LoadOptions { repack }).unwrap();
+        let repacked = model.repacked_bytes();
+        let cfg = EngineConfig {
+            n_threads: 1,
+            kv_type: KvType::F32,
+            sliding_window: Some(8),
+            ctx_size: Some(64),
+            batch_size: 6,
+        };
+        let mut eng = Engine::new(model, cfg).unwrap();
+        let mut seq = eng.new_sequence().unwrap();
+        (eng.feed(&mut seq, &toks, Logits::All).unwrap(), repacked)
+    };
+    let (plain, none) = run(false);
+    let (packed, repacked) = run(true);
+    assert_eq!(none, 0);
+    if repacked == 0 {
+        eprintln!("ggml has no repacked layout for q4_0 on this CPU; compared plain against plain");
+    }
+    assert!(
+        max_abs_diff(&plain, &packed) < 1e-2,
+        "diff {}",
+        max_abs_diff(&plain, &packed)
+    );
+}

@@ -76,3 +76,25 @@ fn control_tokens_are_parsed_only_when_asked() {
     assert!(!tok.encode("<s>").unwrap().contains(&1));
     assert_eq!(tok.decode(&[1, 15043, 2]).unwrap(), "Hello");
 }
+
+#[test]
+fn a_tokenizer_json_beside_the_model_is_used() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/ggml-vocab-llama-spm.gguf");
+    let g = MappedGguf::open(&path).unwrap();
+    let model_path = dir.path().join("model.gguf");
+    vocab()
+        .save_json(&dir.path().join("tokenizer.json"))
+        .unwrap();
+    let from_json = Tokenizer::for_model(&g.info, &model_path).unwrap();
+    assert_eq!(from_json.vocab_size(), 32000);
+    for (text, want) in vectors() {
+        assert_eq!(from_json.encode(&text).unwrap(), want, "{text:?}");
+    }
+    std::fs::write(dir.path().join("tokenizer.json"), "{ not json").unwrap();
+    let err = Tokenizer::for_model(&g.info, &model_path)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("tokenizer.json"), "{err}");
+}

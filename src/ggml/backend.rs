@@ -152,3 +152,92 @@ impl Drop for GraphAllocator {
         unsafe { sys::ggml_gallocr_free(self.ptr.as_ptr()) }
     }
 }
+
+/// ggml's `CPU_REPACK` buffer type: weight matrices placed in it are converted at load time to
+/// an interleaved layout that ggml's CPU matrix kernels multiply faster (Q4_0, Q4_K, ... with
+/// AVX2/AVX-512 or NEON). ggml's other extra buffer types — in particular AMX, which faults on
+/// machines whose CPU advertises it while the kernel or hypervisor does not allow it — are never
+/// used.
+pub struct RepackBufferType {
+    buft: sys::ggml_backend_buffer_type_t,
+    dev: sys::ggml_backend_dev_t,
+}
+
+// The buffer type and device are process-wide ggml singletons.
+unsafe impl Send for RepackBufferType {}
+unsafe impl Sync for RepackBufferType {}
+
+impl RepackBufferType {
+    /// The repack buffer type, if this build of ggml has one for this CPU.
+    pub fn find() -> Option<RepackBufferType> {
+        super::init_logging();
+        unsafe {
+            let reg = sys::ggml_backend_cpu_reg();
+            if reg.is_null() {
+                return None;
+            }
+            let dev = sys::ggml_backend_reg_dev_get(reg, 0);
+            let name = c"ggml_backend_dev_get_extra_bufts";
+            let f = sys::ggml_backend_reg_get_proc_address(reg, name.as_ptr());
+            if f.is_null() || dev.is_null() {
+                return None;
+            }
+            let get: sys::ggml_backend_dev_get_extra_bufts_t = std::mem::transmute(f);
+            let mut list = get?(dev);
+            while !list.is_null() && !(*list).is_null() {
+                let buft = *list;
+                let n = std::ffi::CStr::from_ptr(sys::ggml_backend_buft_name(buft));
+                if n.to_bytes() == b"CPU_REPACK" {
+                    return Some(RepackBufferType { buft, dev });
+                }
+                list = list.add(1);
+            }
+            None
+        }
+    }
+
+    /// Whether ggml can repack `weight` (a 2-D matrix used as `mul_mat`'s first operand).
+    pub fn supports(&self, weight: Tensor<'_>) -> bool {
+        let ne = weight.ne();
+        if ne[2] != 1 || ne[3] != 1 {
+            return false;
+        }
+        let Ok(ctx) = Context::new(4 * super::tensor_overhead(), true) else {
+            return false;
+        };
+        unsafe {
+            let probe = ctx.new_tensor(weight.ty(), &[ne[0], ne[1]]);
+            let input = ctx.new_tensor(super::GgmlType::F32, &[ne[0], 1]);
+            let op = ctx.mul_mat(probe, input);
+            // A zero-sized buffer of the repack type marks where the weight would live.
+            let dummy = sys::ggml_backend_buft_alloc_buffer(self.buft, 0);
+            if dummy.is_null() {
+                return false;
+            }
+            (*probe.raw()).buffer = dummy;
+            let ok = sys::ggml_backend_dev_supports_op(self.dev, op.raw());
+            (*probe.raw()).buffer = std::ptr::null_mut();
+            sys::ggml_backend_buffer_free(dummy);
+            ok
+        }
+    }
+
+    /// Bytes `t` needs in a repack buffer.
+    pub fn alloc_size(&self, t: Tensor<'_>) -> usize {
+        unsafe { sys::ggml_backend_buft_get_alloc_size(self.buft, t.raw()) }
+    }
+
+    /// Alignment of tensors in a repack buffer.
+    pub fn alignment(&self) -> usize {
+        unsafe { sys::ggml_backend_buft_get_alignment(self.buft) }
+    }
+
+    /// A new repack buffer of `size` bytes.
+    pub fn alloc(&self, size: usize) -> anyhow::Result<BackendBuffer> {
+        let buf = unsafe { sys::ggml_backend_buft_alloc_buffer(self.buft, size) };
+        let ptr = NonNull::new(buf).ok_or_else(|| {
+            anyhow::anyhow!("out of memory allocating {size} bytes for repacked weights")
+        })?;
+        Ok(BackendBuffer { ptr })
+    }
+}

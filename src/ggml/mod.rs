@@ -17,7 +17,7 @@ pub mod gguf;
 pub mod gguf_writer;
 pub mod types;
 
-pub use backend::{BackendBuffer, CpuBackend, GraphAllocator};
+pub use backend::{BackendBuffer, CpuBackend, GraphAllocator, RepackBufferType};
 pub use context::{Context, Graph, Tensor};
 pub use types::GgmlType;
 

@@ -10,7 +10,7 @@ pub mod synthetic;
 pub mod weights;
 
 pub use hparams::HParams;
-pub use weights::{LayerWeights, Model, Weights};
+pub use weights::{LayerWeights, LoadOptions, Model, Weights};
 
 use crate::ggml::gguf::GgufFile;
 use anyhow::Context as _;

@@ -2,7 +2,7 @@
 
 use super::{HParams, MappedGguf};
 use crate::ggml::gguf::{GgufFile, TensorInfo};
-use crate::ggml::{BackendBuffer, Context, GgmlType, Tensor};
+use crate::ggml::{BackendBuffer, Context, GgmlType, RepackBufferType, Tensor};
 use anyhow::Context as _;
 
 /// One transformer block's weights.
@@ -40,12 +40,24 @@ pub struct Weights<'a> {
     pub output: Tensor<'a>,
 }
 
+/// How weights are placed in memory.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LoadOptions {
+    /// Convert the weight matrices ggml can repack (Q4_0, Q4_K, ... on AVX2/AVX-512/NEON) into
+    /// its interleaved layout at load time. Faster matrix products, but those weights then live
+    /// in anonymous memory instead of the page cache (the mapped pages are released). Without
+    /// it every weight is used in place from the memory map.
+    pub repack: bool,
+}
+
 /// A loaded model: hyper-parameters and weights, backed by the memory-mapped file.
 pub struct Model {
     /// Hyper-parameters.
     pub hparams: HParams,
     weights: Weights<'static>,
+    repacked_bytes: u64,
     _ctx: Context,
+    _repack_buffer: Option<BackendBuffer>,
     _buffer: BackendBuffer,
     file: MappedGguf,
 }
@@ -57,6 +69,11 @@ impl Model {
     /// Validates every weight tensor of `file` against the hyper-parameters and places them
     /// in place in the memory map (no copy). Errors name the file, the tensor and the problem.
     pub fn load(file: MappedGguf) -> anyhow::Result<Model> {
+        Model::load_with(file, LoadOptions::default())
+    }
+
+    /// [`Model::load`] with options.
+    pub fn load_with(file: MappedGguf, opts: LoadOptions) -> anyhow::Result<Model> {
         let g = &file.info;
         let hp = HParams::from_gguf(g)?;
         if hp.n_vocab == 0 {
@@ -97,16 +114,27 @@ impl Model {
             hp.n_ff as u64,
             hp.n_vocab as u64,
         );
-        let load = |name: &str, ne: &[u64], norm: bool| -> anyhow::Result<Tensor<'static>> {
+        let repack = if opts.repack {
+            RepackBufferType::find()
+        } else {
+            None
+        };
+        let mut to_repack: Vec<(Tensor<'static>, u64)> = Vec::new();
+        let mut load = |name: &str, ne: &[u64], norm: bool| -> anyhow::Result<Tensor<'static>> {
             let info = g
                 .tensor(name)
                 .ok_or_else(|| g.error(format!("missing tensor '{name}'")))?;
             check_tensor(g, info, ne, norm)?;
             let dims: Vec<i64> = ne.iter().map(|&d| d as i64).collect();
-            let t = ctx.new_tensor(info.ty, &dims).set_name(name);
-            buffer.place(t, info.offset as usize)?;
             // SAFETY: `ctx` moves into the returned `Model` together with these handles.
-            Ok(unsafe { t.detach() })
+            let t = unsafe { ctx.new_tensor(info.ty, &dims).set_name(name).detach() };
+            // The embedding matrix is read by row lookups, which need the file's layout.
+            let matrix = ne.len() == 2 && name != "token_embd.weight";
+            match &repack {
+                Some(r) if matrix && r.supports(t) => to_repack.push((t, info.offset)),
+                _ => buffer.place(t, info.offset as usize)?,
+            }
+            Ok(t)
         };
         let tok_embd = load("token_embd.weight", &[e, v], false)?;
         let output_norm = load("output_norm.weight", &[e], true)?;
@@ -142,6 +170,12 @@ impl Model {
                 ))
                 .into());
         }
+        drop(load);
+        let repack_buffer = match &repack {
+            Some(r) if !to_repack.is_empty() => Some(repack_weights(r, &to_repack, &file)?),
+            _ => None,
+        };
+        let repacked_bytes = to_repack.iter().map(|(t, _)| t.nbytes() as u64).sum();
         Ok(Model {
             hparams: hp,
             weights: Weights {
@@ -150,7 +184,9 @@ impl Model {
                 output_norm,
                 output,
             },
+            repacked_bytes,
             _ctx: ctx,
+            _repack_buffer: repack_buffer,
             _buffer: buffer,
             file,
         })
@@ -169,6 +205,11 @@ impl Model {
     /// Bytes of tensor data (mapped, not copied).
     pub fn weight_bytes(&self) -> u64 {
         self.file.info.tensors.iter().map(|t| t.size).sum()
+    }
+
+    /// Bytes of weights converted into ggml's repacked layout (0 unless loaded with `repack`).
+    pub fn repacked_bytes(&self) -> u64 {
+        self.repacked_bytes
     }
 
     /// The most common weight type among the matrices (the file's quantization).
@@ -210,4 +251,39 @@ fn check_tensor(g: &GgufFile, info: &TensorInfo, ne: &[u64], norm: bool) -> anyh
             .into());
     }
     Ok(())
+}
+
+/// Copies `tensors` (with their data offsets) from the map into one repack buffer, converting
+/// them, then releases the mapped pages they came from.
+fn repack_weights(
+    r: &RepackBufferType,
+    tensors: &[(Tensor<'static>, u64)],
+    file: &MappedGguf,
+) -> anyhow::Result<BackendBuffer> {
+    let align = r.alignment().max(1);
+    let mut offsets = Vec::with_capacity(tensors.len());
+    let mut total = 0usize;
+    for (t, _) in tensors {
+        offsets.push(total);
+        total += r.alloc_size(*t).next_multiple_of(align);
+    }
+    let buf = r.alloc(total)?;
+    let data = &file.mmap[file.info.data_offset as usize..];
+    for ((t, file_offset), &at) in tensors.iter().zip(&offsets) {
+        buf.place(*t, at)?;
+        let start = *file_offset as usize;
+        t.write::<u8>(&data[start..start + t.nbytes()]);
+    }
+    // The repacked copies replace these pages; drop them from this process's memory.
+    let page = 4096usize;
+    let base = file.mmap.as_ptr() as usize + file.info.data_offset as usize;
+    for (t, file_offset) in tensors {
+        let begin = (base + *file_offset as usize).next_multiple_of(page);
+        let end = (base + *file_offset as usize + t.nbytes()) / page * page;
+        if end > begin {
+            // SAFETY: the range lies inside the read-only map and is never read again.
+            unsafe { libc::madvise(begin as *mut libc::c_void, end - begin, libc::MADV_DONTNEED) };
+        }
+    }
+    Ok(buf)
 }

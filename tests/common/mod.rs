@@ -36,7 +36,7 @@ pub fn tiny_model(dir: &Path, ty: GgmlType) -> PathBuf {
 pub fn engine(path: &Path, kv: KvType, window: Option<usize>, batch: usize) -> Engine {
     let model = Model::load(MappedGguf::open(path).unwrap()).unwrap();
     let cfg = EngineConfig {
-        n_threads: 2,
+        n_threads: 1,
         kv_type: kv,
         sliding_window: Some(window.unwrap_or(0)),
         ctx_size: Some(256),
