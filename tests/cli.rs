@@ -66,7 +66,7 @@ fn generate_is_reproducible_with_a_seed_and_eval_dumps_logits() {
         "--seed",
         "5",
         "--threads",
-        "2",
+        "1",
     ];
     let a = stdout(&mistrald(&args));
     let b = stdout(&mistrald(&args));
@@ -117,7 +117,7 @@ fn bench_and_info_report() {
         "--gen-tokens",
         "4",
         "--threads",
-        "2",
+        "1",
         "--json",
     ]));
     let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
