@@ -153,6 +153,15 @@ struct TokenizeArgs {
     /// Prepend the BOS token.
     #[arg(long)]
     bos: bool,
+    /// Accepted like every other command's; tokenizing does not use it.
+    #[arg(long, hide_short_help = true)]
+    threads: Option<usize>,
+    /// Accepted like every other command's; tokenizing does not use it.
+    #[arg(long, hide_short_help = true)]
+    sliding_window: Option<usize>,
+    /// Accepted like every other command's; tokenizing does not use it.
+    #[arg(long, hide_short_help = true)]
+    kv_type: Option<KvType>,
     /// The text.
     text: String,
 }

@@ -170,7 +170,6 @@ impl Model {
                 ))
                 .into());
         }
-        drop(load);
         let repack_buffer = match &repack {
             Some(r) if !to_repack.is_empty() => Some(repack_weights(r, &to_repack, &file)?),
             _ => None,
