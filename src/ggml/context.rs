@@ -311,35 +311,36 @@ impl Context {
         })
     }
 
-    /// A custom operation computed by `fun` (called once per thread with `ith`/`nth`) producing
-    /// an f32 tensor of shape `ne`, reading `args` (available as `dst.src[i]`).
-    ///
-    /// # Safety
-    /// `fun` must only read the `args` tensors and write `dst`, within their bounds, and
-    /// `userdata` must stay valid until the graph has been computed.
-    pub unsafe fn custom(
+    /// A custom operation: `op.compute` is called once per compute thread (`ith` of `nth`)
+    /// to produce an f32 tensor of shape `ne` from `args`. The returned [`OpHandle`] must be
+    /// kept alive until the graph has been computed.
+    pub fn custom_op(
         &self,
         ne: [i64; 4],
         args: &[Tensor<'_>],
-        fun: sys::ggml_custom_op_t,
-        userdata: *mut std::ffi::c_void,
-    ) -> Tensor<'_> {
+        op: Box<dyn CustomOp>,
+    ) -> (Tensor<'_>, OpHandle) {
+        assert!(args.len() <= 8, "custom op with more than 8 arguments");
         self.ensure_room();
+        let handle = OpHandle(Box::new(op));
+        let userdata = &*handle.0 as *const Box<dyn CustomOp> as *mut std::ffi::c_void;
         let mut raw: Vec<*mut sys::ggml_tensor> = args.iter().map(|t| t.raw()).collect();
-        let t = sys::ggml_custom_4d(
-            self.raw(),
-            sys::GGML_TYPE_F32,
-            ne[0],
-            ne[1],
-            ne[2],
-            ne[3],
-            raw.as_mut_ptr(),
-            raw.len() as i32,
-            fun,
-            -1, // GGML_N_TASKS_MAX: as many tasks as threads
-            userdata,
-        );
-        self.wrap(t)
+        let t = unsafe {
+            sys::ggml_custom_4d(
+                self.raw(),
+                sys::GGML_TYPE_F32,
+                ne[0],
+                ne[1],
+                ne[2],
+                ne[3],
+                raw.as_mut_ptr(),
+                raw.len() as i32,
+                Some(custom_op_trampoline),
+                -1, // GGML_N_TASKS_MAX: as many tasks as threads
+                userdata,
+            )
+        };
+        (self.wrap(t), handle)
     }
 }
 
@@ -529,4 +530,54 @@ impl Graph<'_> {
     pub fn n_nodes(&self) -> usize {
         unsafe { sys::ggml_graph_n_nodes(self.raw()) as usize }
     }
+}
+
+/// The data and layout of a tensor as a custom operation sees it during compute.
+#[derive(Clone, Copy, Debug)]
+pub struct OpTensor {
+    /// Start of the tensor's data.
+    pub data: *mut std::ffi::c_void,
+    /// Element counts per dimension.
+    pub ne: [i64; 4],
+    /// Byte strides per dimension.
+    pub nb: [usize; 4],
+}
+
+/// Computation of a custom graph node (see [`Context::custom_op`]).
+pub trait CustomOp: Send + Sync {
+    /// Computes thread `ith`'s share (of `nth`) of `dst` from `srcs` (the op's arguments, in
+    /// order). Called concurrently from every compute thread.
+    fn compute(&self, dst: OpTensor, srcs: &[OpTensor], ith: usize, nth: usize);
+}
+
+/// Keeps a custom operation alive while its graph exists.
+pub struct OpHandle(#[allow(dead_code)] Box<Box<dyn CustomOp>>);
+
+unsafe extern "C" fn custom_op_trampoline(
+    dst: *mut sys::ggml_tensor,
+    ith: i32,
+    nth: i32,
+    userdata: *mut std::ffi::c_void,
+) {
+    let view = |t: *const sys::ggml_tensor| {
+        let t = &*t;
+        OpTensor {
+            data: t.data,
+            ne: t.ne,
+            nb: t.nb,
+        }
+    };
+    let d = &*dst;
+    let mut srcs = [OpTensor {
+        data: std::ptr::null_mut(),
+        ne: [0; 4],
+        nb: [0; 4],
+    }; 8];
+    let mut n = 0;
+    while n < 8 && !d.src[n].is_null() {
+        srcs[n] = view(d.src[n]);
+        n += 1;
+    }
+    let op = &*(userdata as *const Box<dyn CustomOp>);
+    op.compute(view(dst), &srcs[..n], ith as usize, nth as usize);
 }

@@ -18,7 +18,7 @@ pub mod gguf_writer;
 pub mod types;
 
 pub use backend::{BackendBuffer, CpuBackend, GraphAllocator, RepackBufferType};
-pub use context::{Context, Graph, Tensor};
+pub use context::{Context, CustomOp, Graph, OpHandle, OpTensor, Tensor};
 pub use types::GgmlType;
 
 use llama_cpp_sys_2 as sys;
