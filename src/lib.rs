@@ -1,0 +1,4 @@
+//! mistrald: inference daemon for Mistral-architecture language models on
+//! Linux edge boards.
+
+pub mod kernels;
