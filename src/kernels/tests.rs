@@ -655,3 +655,32 @@ fn half_conversion_matches_reference() {
     }
     assert!(checked > 60000);
 }
+
+#[test]
+#[cfg(target_arch = "aarch64")]
+fn neon_dispatch_matches_cpu() {
+    // scripts/test-aarch64 runs the tests on emulated CPUs with and without
+    // the dot-product extension and says which one through this variable.
+    let expect = std::env::var("MISTRALD_TEST_EXPECT_DOTPROD").ok();
+    let has = neon_has_dotprod();
+    if let Some(e) = expect.as_deref() {
+        assert_eq!(has, e == "1", "HWCAP_ASIMDDP detection");
+    }
+    assert_eq!(path_for_env_value(None), Ok(KernelPath::Neon));
+    assert!(KernelPath::Neon
+        .description()
+        .contains(if has { "(dotprod)" } else { "no dotprod" }));
+}
+
+#[test]
+fn selected_path_follows_env_and_c_dispatcher() {
+    let value = std::env::var(KERNEL_ENV).ok();
+    let expected = path_for_env_value(value.as_deref());
+    assert_eq!(selected_path(), expected);
+    if let Ok(path) = expected {
+        // The C dispatcher mk_attention() was switched to the same path.
+        assert_eq!(unsafe { ffi::mk_current_path() }, path.raw());
+        let k = Kernel::selected().unwrap();
+        assert_eq!(k.path(), path);
+    }
+}
