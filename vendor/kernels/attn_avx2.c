@@ -90,6 +90,47 @@ static inline __attribute__((always_inline)) void mk_vacc_t(float *acc, int ng, 
 
 MK_TYPE_DISPATCH
 
+/* exp(x) for x <= 0, 8 lanes: x = n*ln2 + r, exp(r) by a degree-7 minimax-style
+ * polynomial (Cephes expf coefficients), 2^n built in the exponent bits.
+ * Relative error ~2e-7; x below -87 is clamped (result ~1e-38 instead of
+ * less), negligible next to the tile's largest term, which is 1. */
+static inline __m256 mk_exp256(__m256 x)
+{
+    x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+    __m256 fx = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
+    x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
+    __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
+    y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(fx), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+
+#define MK_HAVE_EXP_SUM 1
+static inline float mk_exp_sum(float *s, int n, float m)
+{
+    __m256 vm = _mm256_set1_ps(m);
+    __m256 acc = _mm256_setzero_ps();
+    int r = 0;
+    for (; r + 8 <= n; r += 8) {
+        __m256 e = mk_exp256(_mm256_sub_ps(_mm256_loadu_ps(s + r), vm));
+        _mm256_storeu_ps(s + r, e);
+        acc = _mm256_add_ps(acc, e);
+    }
+    float sum = mk_hsum256(acc);
+    for (; r < n; r++) {
+        s[r] = expf(s[r] - m);
+        sum += s[r];
+    }
+    return sum;
+}
+
 #define MK_ENTRY mk_attention_avx2
 #define MK_QUANT_Q 0
 #include "attn_driver.h"

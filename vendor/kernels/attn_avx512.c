@@ -82,6 +82,46 @@ static inline __attribute__((always_inline)) void mk_vacc_t(float *acc, int ng, 
 
 MK_TYPE_DISPATCH
 
+/* exp(x) for x <= 0, 16 lanes: x = n*ln2 + r, exp(r) by a polynomial (Cephes
+ * expf coefficients), scaled by 2^n with vscalefps. Relative error ~2e-7;
+ * x below -87 is clamped (negligible next to the tile's largest term, 1). */
+static inline __m512 mk_exp512(__m512 x)
+{
+    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+    __m512 fx = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    x = _mm512_fnmadd_ps(fx, _mm512_set1_ps(0.693359375f), x);
+    x = _mm512_fnmadd_ps(fx, _mm512_set1_ps(-2.12194440e-4f), x);
+    __m512 y = _mm512_set1_ps(1.9875691500e-4f);
+    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.3981999507e-3f));
+    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(8.3334519073e-3f));
+    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(4.1665795894e-2f));
+    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.6666665459e-1f));
+    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(5.0000001201e-1f));
+    y = _mm512_fmadd_ps(y, _mm512_mul_ps(x, x), _mm512_add_ps(x, _mm512_set1_ps(1.0f)));
+    return _mm512_scalef_ps(y, fx);
+}
+
+#define MK_HAVE_EXP_SUM 1
+static inline float mk_exp_sum(float *s, int n, float m)
+{
+    __m512 vm = _mm512_set1_ps(m);
+    __m512 acc = _mm512_setzero_ps();
+    int r = 0;
+    for (; r + 16 <= n; r += 16) {
+        __m512 e = mk_exp512(_mm512_sub_ps(_mm512_loadu_ps(s + r), vm));
+        _mm512_storeu_ps(s + r, e);
+        acc = _mm512_add_ps(acc, e);
+    }
+    if (r < n) {
+        __mmask16 k = (__mmask16)((1u << (n - r)) - 1);
+        __m512 e = mk_exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, s + r), vm));
+        _mm512_mask_storeu_ps(s + r, k, e);
+        acc = _mm512_add_ps(acc, _mm512_maskz_mov_ps(k, e));
+    }
+    return _mm512_reduce_add_ps(acc);
+}
+
 #define MK_ENTRY mk_attention_avx512
 #define MK_QUANT_Q 0
 #include "attn_driver.h"

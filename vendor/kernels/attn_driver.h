@@ -12,6 +12,9 @@
  *   static inline void mk_vacc(float *acc, int ng, int D, const float *c, int n,
  *                              const void *const *rows, int type, const float *pr);
  *       acc[g][:] = c[g] * acc[g][:] + sum_r pr[g*MK_TILE + r] * rows[r][:]   (acc stride D)
+ * and optionally (defining MK_HAVE_EXP_SUM), a vectorized
+ *   static inline float mk_exp_sum(float *s, int n, float m);
+ *       s[r] = exp(s[r] - m) for r < n (all s[r] <= m); returns the sum.
  *
  * Algorithm for one work unit (query position t, kv head h, sub-group of the
  * query heads sharing h, part of the key range): keys are walked in tiles of
@@ -25,6 +28,18 @@
 #include <stdatomic.h>
 
 #include "mk_internal.h"
+
+#ifndef MK_HAVE_EXP_SUM
+static inline float mk_exp_sum(float *s, int n, float m)
+{
+    float sum = 0.0f;
+    for (int r = 0; r < n; r++) {
+        s[r] = expf(s[r] - m);
+        sum += s[r];
+    }
+    return sum;
+}
+#endif
 
 struct mk_state {
     float m[MK_MAX_G];
@@ -51,11 +66,7 @@ static void mk_tile(const struct mk_attn_params *p, const struct mk_qctx *qc, in
         float mnew = mx > st->m[g] ? mx : st->m[g];
         /* st->m[g] == -inf on the first tile: expf(-inf) == 0, acc and l are 0 anyway. */
         c[g] = expf(st->m[g] - mnew);
-        float sum = 0.0f;
-        for (int r = 0; r < n; r++) {
-            sg[r] = expf(sg[r] - mnew);
-            sum += sg[r];
-        }
+        float sum = mk_exp_sum(sg, n, mnew);
         st->l[g] = st->l[g] * c[g] + sum;
         st->m[g] = mnew;
     }

@@ -11,6 +11,45 @@ static inline float mk_h2f_native(const unsigned char *p)
     return (float)h;
 }
 
+/* exp(x) for x <= 0, 4 lanes: x = n*ln2 + r, exp(r) by a polynomial (Cephes
+ * expf coefficients), 2^n built in the exponent bits. Relative error ~2e-7;
+ * x below -87 is clamped (negligible next to the tile's largest term, 1). */
+static inline float32x4_t mk_exp4(float32x4_t x)
+{
+    x = vmaxq_f32(x, vdupq_n_f32(-87.0f));
+    float32x4_t fx = vrndnq_f32(vmulq_n_f32(x, 1.44269504088896341f));
+    x = vfmsq_f32(x, fx, vdupq_n_f32(0.693359375f));
+    x = vfmsq_f32(x, fx, vdupq_n_f32(-2.12194440e-4f));
+    float32x4_t y = vdupq_n_f32(1.9875691500e-4f);
+    y = vfmaq_f32(vdupq_n_f32(1.3981999507e-3f), y, x);
+    y = vfmaq_f32(vdupq_n_f32(8.3334519073e-3f), y, x);
+    y = vfmaq_f32(vdupq_n_f32(4.1665795894e-2f), y, x);
+    y = vfmaq_f32(vdupq_n_f32(1.6666665459e-1f), y, x);
+    y = vfmaq_f32(vdupq_n_f32(5.0000001201e-1f), y, x);
+    y = vfmaq_f32(vaddq_f32(x, vdupq_n_f32(1.0f)), y, vmulq_f32(x, x));
+    int32x4_t e = vshlq_n_s32(vaddq_s32(vcvtq_s32_f32(fx), vdupq_n_s32(127)), 23);
+    return vmulq_f32(y, vreinterpretq_f32_s32(e));
+}
+
+#define MK_HAVE_EXP_SUM 1
+static inline float mk_exp_sum(float *s, int n, float m)
+{
+    float32x4_t vm = vdupq_n_f32(m);
+    float32x4_t acc = vdupq_n_f32(0.0f);
+    int r = 0;
+    for (; r + 4 <= n; r += 4) {
+        float32x4_t e = mk_exp4(vsubq_f32(vld1q_f32(s + r), vm));
+        vst1q_f32(s + r, e);
+        acc = vaddq_f32(acc, e);
+    }
+    float sum = vaddvq_f32(acc);
+    for (; r < n; r++) {
+        s[r] = expf(s[r] - m);
+        sum += s[r];
+    }
+    return sum;
+}
+
 /* 16 elements of a row starting at element d (d % 16 == 0), as 4 x f32x4. */
 static inline __attribute__((always_inline)) void mk_load16(const void *row, int type, int d, float32x4_t v[4])
 {
