@@ -7,6 +7,7 @@ pub mod cli;
 pub mod engine;
 pub mod generation;
 pub mod ggml;
+pub mod kernels;
 pub mod kv_cache;
 pub mod model;
 pub mod sampler;

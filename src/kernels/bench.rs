@@ -1,0 +1,220 @@
+//! Microbenchmark of decode attention (one query position) for Mistral 7B
+//! shapes: 32 query heads, 8 KV heads, head_dim 128, over a ring holding the
+//! whole history, for each available path (scalar included), F16 and Q8_0
+//! caches, 1 and 2 threads. Threads are a small spinning pool started once,
+//! like ggml's workers, so thread start-up is not timed.
+
+use super::{AttnParams, Kernel, KernelError, KernelPath, KvType, RawAttnParams};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+/// What to measure.
+#[derive(Debug, Clone)]
+pub struct BenchOptions {
+    /// History lengths (cached positions) to time.
+    pub n_hist: Vec<usize>,
+    /// Cache element types.
+    pub kv_types: Vec<KvType>,
+    /// Thread counts.
+    pub threads: Vec<usize>,
+    /// Paths; empty = every available path.
+    pub paths: Vec<KernelPath>,
+    /// Minimum time measured per configuration.
+    pub min_time: Duration,
+}
+
+impl Default for BenchOptions {
+    fn default() -> Self {
+        BenchOptions {
+            n_hist: vec![512, 2048, 4096],
+            kv_types: vec![KvType::F16, KvType::Q8_0],
+            threads: vec![1, 2],
+            paths: Vec::new(),
+            min_time: Duration::from_millis(300),
+        }
+    }
+}
+
+/// One measured configuration.
+#[derive(Debug, Clone)]
+pub struct BenchRow {
+    /// Kernel path.
+    pub path: KernelPath,
+    /// Cache type.
+    pub kv_type: KvType,
+    /// History length.
+    pub n_hist: usize,
+    /// Threads.
+    pub threads: usize,
+    /// Median microseconds per call (one layer's decode attention).
+    pub micros: f64,
+    /// K+V cache bytes read per call divided by the time, GB/s.
+    pub gbytes_per_s: f64,
+}
+
+const HEAD_DIM: usize = 128;
+const N_HEAD: usize = 32;
+const N_HEAD_KV: usize = 8;
+
+/// Runs the benchmark and returns one row per configuration.
+pub fn bench_attention(opts: &BenchOptions) -> Result<Vec<BenchRow>, KernelError> {
+    let paths = if opts.paths.is_empty() {
+        super::available_paths()
+    } else {
+        opts.paths.clone()
+    };
+    let kernels = paths
+        .iter()
+        .map(|&p| Kernel::for_path(p))
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut rows = Vec::new();
+    for &ty in &opts.kv_types {
+        for &n_hist in &opts.n_hist {
+            // Ring = history + this token, history wrapped by a third of the ring.
+            let n_slots = n_hist + 1;
+            let pos0 = (n_hist + n_slots / 3) as u64;
+            let p = AttnParams::dense(HEAD_DIM, N_HEAD, N_HEAD_KV, 0, ty, n_slots, pos0, n_hist, 1);
+            let bytes = p.cache_bytes();
+            let fill = |seed: u32| -> Vec<u32> {
+                // plausible data: small f16 values / Q8_0 blocks with a sane scale
+                let mut x = seed;
+                (0..bytes.div_ceil(4))
+                    .map(|_| {
+                        x ^= x << 13;
+                        x ^= x >> 17;
+                        x ^= x << 5;
+                        (x & 0x3bff_3bff) | 0x0000_2000
+                    })
+                    .collect()
+            };
+            let kc = fill(1);
+            let vc = fill(2);
+            let q: Vec<f32> = (0..N_HEAD * HEAD_DIM)
+                .map(|i| ((i % 17) as f32 - 8.0) * 0.01)
+                .collect();
+            let kn: Vec<f32> = (0..N_HEAD_KV * HEAD_DIM)
+                .map(|i| ((i % 13) as f32 - 6.0) * 0.02)
+                .collect();
+            let mut out = vec![0f32; N_HEAD * HEAD_DIM];
+            // SAFETY: u32 buffers viewed as bytes, `bytes` <= 4 * len.
+            let kb = unsafe { std::slice::from_raw_parts(kc.as_ptr().cast::<u8>(), bytes) };
+            let vb = unsafe { std::slice::from_raw_parts(vc.as_ptr().cast::<u8>(), bytes) };
+            let inputs = super::AttnInputs {
+                q: &q,
+                k_new: &kn,
+                v_new: &kn,
+                k_cache: kb,
+                v_cache: vb,
+            };
+            p.validate(&inputs, out.len())?;
+            let raw = p.to_raw(&inputs, out.as_mut_ptr());
+            for k in &kernels {
+                for &nth in &opts.threads {
+                    let micros = time_kernel(k, &raw, nth.max(1), opts.min_time);
+                    let kv_bytes = 2 * n_hist * N_HEAD_KV * ty.row_bytes(HEAD_DIM);
+                    rows.push(BenchRow {
+                        path: k.path(),
+                        kv_type: ty,
+                        n_hist,
+                        threads: nth.max(1),
+                        micros,
+                        gbytes_per_s: kv_bytes as f64 / (micros * 1e3),
+                    });
+                }
+            }
+        }
+    }
+    Ok(rows)
+}
+
+struct Shared(*const RawAttnParams);
+// SAFETY: the kernel may be called with the same params from several threads.
+unsafe impl Sync for Shared {}
+
+/// Median time of one call (all `nth` shares), in microseconds.
+fn time_kernel(k: &Kernel, raw: &RawAttnParams, nth: usize, min_time: Duration) -> f64 {
+    // 8 KV heads >= threads here, so no scratch (key-range split) is needed.
+    let shared = Shared(raw);
+    let gen = AtomicU64::new(0);
+    let done = AtomicUsize::new(0);
+    let stop = AtomicBool::new(false);
+    let mut samples = Vec::new();
+    std::thread::scope(|s| {
+        for ith in 1..nth {
+            let (shared, gen, done, stop) = (&shared, &gen, &done, &stop);
+            s.spawn(move || {
+                let mut seen = 0;
+                loop {
+                    let g = loop {
+                        let g = gen.load(Ordering::Acquire);
+                        if g != seen || stop.load(Ordering::Acquire) {
+                            break g;
+                        }
+                        std::hint::spin_loop();
+                    };
+                    if stop.load(Ordering::Acquire) {
+                        return;
+                    }
+                    seen = g;
+                    // SAFETY: params validated by the caller; shares are disjoint.
+                    unsafe { k.run_raw(shared.0, ith as i32, nth as i32) };
+                    done.fetch_add(1, Ordering::AcqRel);
+                }
+            });
+        }
+        let call = |g: u64| {
+            gen.store(g, Ordering::Release);
+            // SAFETY: as above.
+            unsafe { k.run_raw(shared.0, 0, nth as i32) };
+            while done.load(Ordering::Acquire) < (g as usize) * (nth - 1) {
+                std::hint::spin_loop();
+            }
+        };
+        let mut g = 0;
+        // warm-up
+        for _ in 0..3 {
+            g += 1;
+            call(g);
+        }
+        let start = Instant::now();
+        while start.elapsed() < min_time || samples.len() < 10 {
+            g += 1;
+            let t = Instant::now();
+            call(g);
+            samples.push(t.elapsed().as_secs_f64() * 1e6);
+        }
+        stop.store(true, Ordering::Release);
+    });
+    samples.sort_by(|a, b| a.total_cmp(b));
+    samples[samples.len() / 2]
+}
+
+/// Formats rows as a Markdown table, with the speed-up over scalar.
+pub fn format_table(rows: &[BenchRow]) -> String {
+    let mut s = String::from(
+        "| path | kv type | history | threads | µs/call | GB/s (K+V) | vs scalar |\n|---|---|---:|---:|---:|---:|---:|\n",
+    );
+    for r in rows {
+        let base = rows
+            .iter()
+            .find(|b| {
+                b.path == KernelPath::Scalar
+                    && b.kv_type == r.kv_type
+                    && b.n_hist == r.n_hist
+                    && b.threads == r.threads
+            })
+            .map(|b| format!("{:.2}×", b.micros / r.micros))
+            .unwrap_or_else(|| "-".into());
+        s += &format!(
+            "| {} | {} | {} | {} | {:.1} | {:.2} | {} |\n",
+            r.path.description(),
+            r.kv_type.name(),
+            r.n_hist,
+            r.threads,
+            r.micros,
+            r.gbytes_per_s,
+            base
+        );
+    }
+    s
+}

@@ -1,0 +1,170 @@
+/* cpu_features.c - run-time path selection for mk_attention().
+ *
+ * x86-64: CPUID for AVX2/FMA/F16C and AVX-512 F/BW/VL/DQ, plus XGETBV to check
+ * that the OS saves the YMM (and, for AVX-512, opmask/ZMM) register state.
+ * aarch64: getauxval(AT_HWCAP) for ASIMD and ASIMDDP (dot product).
+ * Built without target flags, like the scalar path. */
+#include <stdatomic.h>
+
+#include "mk_internal.h"
+
+#if defined(__x86_64__)
+#include <cpuid.h>
+
+static unsigned long long mk_xgetbv0(void)
+{
+    unsigned int lo, hi;
+    __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+    return ((unsigned long long)hi << 32) | lo;
+}
+
+/* bit 0: AVX2+FMA+F16C usable, bit 1: AVX-512 F/BW/VL/DQ usable */
+static int mk_x86_features(void)
+{
+    unsigned int a, b, c, d;
+    if (!__get_cpuid(1, &a, &b, &c, &d))
+        return 0;
+    const int osxsave = (c >> 27) & 1, avx = (c >> 28) & 1, fma = (c >> 12) & 1, f16c = (c >> 29) & 1;
+    if (!osxsave || !avx)
+        return 0;
+    const unsigned long long xcr0 = mk_xgetbv0();
+    if ((xcr0 & 0x6) != 0x6) /* XMM and YMM state */
+        return 0;
+    if (__get_cpuid_max(0, NULL) < 7)
+        return 0;
+    __cpuid_count(7, 0, a, b, c, d);
+    const int avx2 = (b >> 5) & 1;
+    const int avx512f = (b >> 16) & 1, avx512dq = (b >> 17) & 1, avx512bw = (b >> 30) & 1, avx512vl = (b >> 31) & 1;
+    int f = 0;
+    if (avx2 && fma && f16c)
+        f |= 1;
+    if ((f & 1) && avx512f && avx512dq && avx512bw && avx512vl && (xcr0 & 0xe0) == 0xe0) /* opmask, ZMM_Hi256, Hi16_ZMM */
+        f |= 2;
+    return f;
+}
+#endif
+
+#if defined(__aarch64__)
+#include <sys/auxv.h>
+#ifndef HWCAP_ASIMD
+#define HWCAP_ASIMD (1 << 1)
+#endif
+#ifndef HWCAP_ASIMDDP
+#define HWCAP_ASIMDDP (1 << 20)
+#endif
+
+int mk_neon_has_dotprod(void)
+{
+    return (getauxval(AT_HWCAP) & HWCAP_ASIMDDP) != 0;
+}
+
+void mk_attention_neon(const struct mk_attn_params *p, int ith, int nth)
+{
+    static atomic_int dot = -1;
+    int v = atomic_load_explicit(&dot, memory_order_relaxed);
+    if (v < 0) {
+        v = mk_neon_has_dotprod();
+        atomic_store_explicit(&dot, v, memory_order_relaxed);
+    }
+    if (v)
+        mk_attention_neon_dotprod(p, ith, nth);
+    else
+        mk_attention_neon_plain(p, ith, nth);
+}
+#else
+int mk_neon_has_dotprod(void)
+{
+    return 0;
+}
+#endif
+
+int mk_path_available(enum mk_path path)
+{
+    switch (path) {
+    case MK_PATH_SCALAR:
+        return 1;
+#if defined(__x86_64__)
+    case MK_PATH_AVX2:
+        return (mk_x86_features() & 1) != 0;
+    case MK_PATH_AVX512:
+        return (mk_x86_features() & 2) != 0;
+#endif
+#if defined(__aarch64__)
+    case MK_PATH_NEON:
+        return (getauxval(AT_HWCAP) & HWCAP_ASIMD) != 0;
+#endif
+    default:
+        return 0;
+    }
+}
+
+typedef void (*mk_attn_fn)(const struct mk_attn_params *, int, int);
+
+static mk_attn_fn mk_path_fn(enum mk_path path)
+{
+    switch (path) {
+#if defined(__x86_64__)
+    case MK_PATH_AVX2:
+        return mk_attention_avx2;
+    case MK_PATH_AVX512:
+        return mk_attention_avx512;
+#endif
+#if defined(__aarch64__)
+    case MK_PATH_NEON:
+        return mk_attention_neon;
+#endif
+    default:
+        return mk_attention_scalar;
+    }
+}
+
+static enum mk_path mk_best_path(void)
+{
+    if (mk_path_available(MK_PATH_AVX512))
+        return MK_PATH_AVX512;
+    if (mk_path_available(MK_PATH_AVX2))
+        return MK_PATH_AVX2;
+    if (mk_path_available(MK_PATH_NEON))
+        return MK_PATH_NEON;
+    return MK_PATH_SCALAR;
+}
+
+/* -1: not chosen yet; else the enum mk_path in use. */
+static atomic_int mk_chosen = -1;
+
+enum mk_path mk_current_path(void)
+{
+    int v = atomic_load_explicit(&mk_chosen, memory_order_acquire);
+    if (v < 0) {
+        int best = (int)mk_best_path();
+        int expected = -1;
+        /* keep a path another thread set meanwhile */
+        if (!atomic_compare_exchange_strong_explicit(&mk_chosen, &expected, best, memory_order_acq_rel,
+                                                     memory_order_acquire))
+            return (enum mk_path)expected;
+        v = best;
+    }
+    return (enum mk_path)v;
+}
+
+int mk_set_path(enum mk_path path)
+{
+    if (!mk_path_available(path))
+        return -1;
+    atomic_store_explicit(&mk_chosen, (int)path, memory_order_release);
+    return 0;
+}
+
+void mk_attention(const struct mk_attn_params *p, int ith, int nth)
+{
+    mk_path_fn(mk_current_path())(p, ith, nth);
+}
+
+size_t mk_scratch_size(const struct mk_attn_params *p, int nth)
+{
+    struct mk_plan pl;
+    if (p->n_head_kv <= 0 || p->n_head <= 0 || nth <= 0)
+        return 0;
+    mk_make_plan(p, nth, 1, &pl);
+    return mk_plan_scratch_bytes(p, &pl);
+}
