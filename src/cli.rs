@@ -2,7 +2,7 @@
 //! bench, info) and the synthetic model writer.
 
 use crate::chat::{ChatMessage, ChatTemplate};
-use crate::engine::{Engine, EngineConfig, Logits};
+use crate::engine::{AttentionChoice, Engine, EngineConfig, Logits};
 use crate::generation::{generate, GenerationParams};
 use crate::ggml::GgmlType;
 use crate::kv_cache::KvType;
@@ -65,6 +65,9 @@ struct ModelArgs {
     /// products; those weights then live in anonymous memory instead of the file's pages).
     #[arg(long)]
     repack: bool,
+    /// Attention implementation: native (mistrald's kernels) or ggml (flash_attn_ext).
+    #[arg(long, default_value = "native")]
+    attention: AttentionChoice,
 }
 
 impl ModelArgs {
@@ -504,6 +507,7 @@ fn cmd_info(a: InfoArgs) -> anyhow::Result<()> {
             "Mistral Instruct (built in)"
         }
     );
+    println!("attention:       {}", engine.attention().describe());
     println!("threads:         {}", engine.config().n_threads);
     Ok(())
 }

@@ -6,8 +6,11 @@
 //! chunks no larger than the batch size or the cache ring.
 
 use crate::ggml::{Context, CpuBackend, GraphAllocator};
+use crate::kernels::Kernel;
 use crate::kv_cache::{AttnPlan, KvCache, KvShape, KvType};
-use crate::model::mistral::{build_step, fill_attention_inputs, SeqInput};
+use crate::model::mistral::{
+    build_step, fill_attention_inputs, AttentionImpl, SeqInput, StepCompute,
+};
 use crate::model::{HParams, Model};
 use anyhow::{bail, Context as _};
 
@@ -25,6 +28,31 @@ pub struct EngineConfig {
     pub ctx_size: Option<usize>,
     /// Most tokens one step processes (prefill chunk size).
     pub batch_size: usize,
+    /// Which attention implementation to use.
+    pub attention: AttentionChoice,
+}
+
+/// The attention implementation asked for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttentionChoice {
+    /// The native kernel (path chosen from the CPU, or `MISTRALD_KERNEL`); falls back to ggml
+    /// for head sizes the kernel does not support.
+    Native,
+    /// ggml's flash attention over the ring with a mask.
+    Ggml,
+}
+
+impl std::str::FromStr for AttentionChoice {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "native" => Ok(AttentionChoice::Native),
+            "ggml" => Ok(AttentionChoice::Ggml),
+            _ => Err(format!(
+                "unknown attention implementation '{s}' (expected native or ggml)"
+            )),
+        }
+    }
 }
 
 /// Default cap on the context length when none is configured.
@@ -40,6 +68,7 @@ impl Default for EngineConfig {
             sliding_window: None,
             ctx_size: None,
             batch_size: 512,
+            attention: AttentionChoice::Native,
         }
     }
 }
@@ -94,6 +123,7 @@ pub struct Engine {
     allocator: GraphAllocator,
     cfg: EngineConfig,
     kv_shape: KvShape,
+    attention: AttentionImpl,
 }
 
 impl Engine {
@@ -131,6 +161,19 @@ impl Engine {
                 hp.head_dim
             );
         }
+        let attention = match cfg.attention {
+            AttentionChoice::Native if AttentionImpl::native_supports(hp.head_dim) => {
+                AttentionImpl::Native(Kernel::selected()?)
+            }
+            AttentionChoice::Native => {
+                log::warn!(
+                    "head dimension {} is not supported by the native attention kernel; using ggml's",
+                    hp.head_dim
+                );
+                AttentionImpl::Ggml
+            }
+            AttentionChoice::Ggml => AttentionImpl::Ggml,
+        };
         let backend = CpuBackend::new(cfg.n_threads)?;
         Ok(Engine {
             model,
@@ -138,6 +181,7 @@ impl Engine {
             allocator: GraphAllocator::new()?,
             cfg,
             kv_shape,
+            attention,
         })
     }
 
@@ -159,6 +203,11 @@ impl Engine {
     /// Shape of every sequence's KV cache.
     pub fn kv_shape(&self) -> &KvShape {
         &self.kv_shape
+    }
+
+    /// The attention implementation in use.
+    pub fn attention(&self) -> AttentionImpl {
+        self.attention
     }
 
     /// The attention window in effect (`None`: full attention).
@@ -257,6 +306,10 @@ impl Engine {
             tokens.len(),
             &seq_inputs,
             out_rows.len(),
+            StepCompute {
+                attention: self.attention,
+                n_threads: self.backend.n_threads(),
+            },
         );
         self.allocator.alloc(&step.graph)?;
         step.tokens.write(&tokens);

@@ -17,8 +17,44 @@
 //! per sequence, since each sequence has its own cache.
 
 use super::{HParams, Weights};
-use crate::ggml::{Context, GgmlType, Graph, Tensor};
-use crate::kv_cache::{AttnPlan, AttnSource, KvCache};
+use crate::ggml::{Context, GgmlType, Graph, OpHandle, Tensor};
+use crate::kernels::ggml_op::{AttentionOp, AttentionShape};
+use crate::kernels::{self, Kernel};
+use crate::kv_cache::{AttnPlan, AttnSource, KvCache, KvType};
+
+/// How attention is computed.
+#[derive(Clone, Copy, Debug)]
+pub enum AttentionImpl {
+    /// mistrald's native kernel (vendor/kernels): reads the rolling cache in place, each
+    /// cached row once per group of query heads, no mask.
+    Native(Kernel),
+    /// ggml's `ggml_flash_attn_ext` over the ring with a mask (the reference path).
+    Ggml,
+}
+
+impl AttentionImpl {
+    /// A short name (`native (avx512)`, `ggml`).
+    pub fn describe(&self) -> String {
+        match self {
+            AttentionImpl::Native(k) => format!("native ({})", k.path().name()),
+            AttentionImpl::Ggml => "ggml flash_attn_ext".into(),
+        }
+    }
+
+    /// Whether the native kernel supports a model with heads of `head_dim`.
+    pub fn native_supports(head_dim: usize) -> bool {
+        head_dim % 32 == 0 && head_dim <= kernels::MAX_HEAD_DIM
+    }
+}
+
+/// How a step's graph computes attention.
+#[derive(Clone, Copy, Debug)]
+pub struct StepCompute {
+    /// The attention implementation.
+    pub attention: AttentionImpl,
+    /// Threads the graph will be computed with (sizes the native kernel's scratch memory).
+    pub n_threads: usize,
+}
 
 /// One sequence's share of a batch.
 pub struct SeqInput<'a> {
@@ -42,12 +78,14 @@ pub struct StepGraph<'g> {
     pub out_rows: Tensor<'g>,
     /// Per sequence: cache slots to write, I64 `[n_new]`.
     pub write_slots: Vec<Tensor<'g>>,
-    /// Per sequence: attention mask, F16 `[n_kv, n_new]`.
-    pub masks: Vec<Tensor<'g>>,
+    /// Per sequence (ggml attention only): mask, F16 `[n_kv, n_new]`.
+    pub masks: Vec<Option<Tensor<'g>>>,
     /// Per sequence (gather plans only): cache rows to read, I32 `[n_hist]`.
     pub gather_rows: Vec<Option<Tensor<'g>>>,
     /// Logits, F32 `[n_vocab, n_out]`.
     pub logits: Tensor<'g>,
+    /// Custom operations of the graph (kept alive until it has been computed).
+    pub ops: Vec<OpHandle>,
 }
 
 /// Upper bound on graph nodes for a step over `n_seqs` sequences.
@@ -64,7 +102,12 @@ pub fn build_step<'g>(
     n_tokens: usize,
     seqs: &[SeqInput<'_>],
     n_out: usize,
+    compute: StepCompute,
 ) -> StepGraph<'g> {
+    let StepCompute {
+        attention,
+        n_threads,
+    } = compute;
     let n = n_tokens as i64;
     let (hd, n_head, n_head_kv) = (hp.head_dim as i64, hp.n_head as i64, hp.n_head_kv as i64);
     let mut graph = ctx.new_graph(graph_size(hp, seqs.len()));
@@ -91,21 +134,24 @@ pub fn build_step<'g>(
                 .set_name(&format!("slots_s{s}"))
                 .mark_input(),
         );
-        masks.push(
+        // Masks and gathered rows are inputs of ggml's attention only.
+        let ggml = matches!(attention, AttentionImpl::Ggml);
+        masks.push(ggml.then(|| {
             ctx.new_tensor(GgmlType::F16, &[p.n_kv as i64, p.n_new as i64])
                 .set_name(&format!("mask_s{s}"))
-                .mark_input(),
-        );
+                .mark_input()
+        }));
         gather_rows.push(match &p.source {
-            AttnSource::Gather { rows } => Some(
+            AttnSource::Gather { rows } if ggml => Some(
                 ctx.new_tensor(GgmlType::I32, &[rows.len() as i64])
                     .set_name(&format!("gather_s{s}"))
                     .mark_input(),
             ),
-            AttnSource::Direct { .. } => None,
+            _ => None,
         });
     }
 
+    let mut ops = Vec::new();
     let mut x = ctx.get_rows(w.tok_embd, tokens);
     for (l, lw) in w.layers.iter().enumerate() {
         // --- attention ---
@@ -130,19 +176,34 @@ pub fn build_step<'g>(
 
         let mut attn: Option<Tensor<'g>> = None;
         for (s, seq) in seqs.iter().enumerate() {
-            let out = attention_for_sequence(
-                ctx,
-                &mut graph,
-                hp,
-                l,
-                q,
-                k,
-                v,
-                seq,
-                write_slots[s],
-                masks[s],
-                gather_rows[s],
-            );
+            let out = match (attention, masks[s]) {
+                (AttentionImpl::Native(kernel), _) => native_attention(
+                    ctx,
+                    &mut graph,
+                    &mut ops,
+                    hp,
+                    l,
+                    (q, k, v),
+                    seq,
+                    write_slots[s],
+                    kernel,
+                    n_threads,
+                ),
+                (AttentionImpl::Ggml, Some(mask)) => attention_for_sequence(
+                    ctx,
+                    &mut graph,
+                    hp,
+                    l,
+                    q,
+                    k,
+                    v,
+                    seq,
+                    write_slots[s],
+                    mask,
+                    gather_rows[s],
+                ),
+                (AttentionImpl::Ggml, None) => unreachable!("ggml attention without a mask"),
+            };
             attn = Some(match attn {
                 None => out,
                 Some(prev) => ctx.concat(prev, out, 1),
@@ -175,6 +236,7 @@ pub fn build_step<'g>(
         masks,
         gather_rows,
         logits,
+        ops,
     }
 }
 
@@ -252,18 +314,78 @@ fn attention_for_sequence<'g>(
     ctx.reshape(out, &[hd * n_head, n_new])
 }
 
+/// Attention of one sequence's tokens in layer `l` with the native kernel: it reads the cached
+/// history in place (before this step's rows are stored) plus the new keys/values, then the new
+/// rows are written to the ring. Returns `[n_head*head_dim, n_new]`.
+#[allow(clippy::too_many_arguments)]
+fn native_attention<'g>(
+    ctx: &'g Context,
+    graph: &mut Graph<'g>,
+    ops: &mut Vec<OpHandle>,
+    hp: &HParams,
+    l: usize,
+    (q, k, v): (Tensor<'g>, Tensor<'g>, Tensor<'g>),
+    seq: &SeqInput<'_>,
+    write_slots: Tensor<'g>,
+    kernel: Kernel,
+    n_threads: usize,
+) -> Tensor<'g> {
+    let (hd, n_head, n_head_kv) = (hp.head_dim as i64, hp.n_head as i64, hp.n_head_kv as i64);
+    let plan = seq.plan;
+    let n_new = plan.n_new as i64;
+    let row_elems = hd * n_head_kv;
+    let first = seq.first_token;
+    let q_s = ctx.view(q, &[hd * n_head, n_new], &[q.nb()[2]], first * q.nb()[2]);
+    let k_rows = ctx.view(k, &[row_elems, n_new], &[k.nb()[2]], first * k.nb()[2]);
+    let v_rows = ctx.view(v, &[row_elems, n_new], &[v.nb()[2]], first * v.nb()[2]);
+    let (cache_k, cache_v) = (seq.cache.keys(l), seq.cache.values(l));
+    let shape = seq.cache.shape();
+    let attn_shape = AttentionShape {
+        head_dim: hp.head_dim,
+        n_head: hp.n_head,
+        n_head_kv: hp.n_head_kv,
+        window: shape.window.unwrap_or(0),
+        kv_type: match shape.kv_type {
+            KvType::F32 => kernels::KvType::F32,
+            KvType::F16 => kernels::KvType::F16,
+            KvType::Q8_0 => kernels::KvType::Q8_0,
+        },
+        n_slots: shape.n_slots,
+        slot_bytes: shape.row_bytes(),
+        head_bytes: shape.head_bytes(),
+        pos0: plan.pos0,
+        n_hist: plan.pos0.min(shape.n_slots as u64) as usize,
+        n_q: plan.n_new,
+        scale: 1.0 / (hp.head_dim as f32).sqrt(),
+    };
+    let op = AttentionOp::new(kernel, &attn_shape, n_threads);
+    let (out, handle) = ctx.custom_op(
+        [hd * n_head, n_new, 1, 1],
+        &[q_s, k_rows, v_rows, cache_k, cache_v],
+        Box::new(op),
+    );
+    ops.push(handle);
+    graph.expand(out);
+    // Expanded after the attention, so the writes run after the reads.
+    graph.expand(ctx.set_rows(cache_k, k_rows, write_slots));
+    graph.expand(ctx.set_rows(cache_v, v_rows, write_slots));
+    out
+}
+
 /// Fills the masks and index inputs of a step from the plans.
 pub fn fill_attention_inputs(step: &StepGraph<'_>, plans: &[&AttnPlan]) {
     const ZERO: u16 = 0x0000;
     const NEG_INF: u16 = 0xFC00;
     for (s, plan) in plans.iter().enumerate() {
         step.write_slots[s].write(&plan.write_slots);
-        let mask: Vec<u16> = plan
-            .visible
-            .iter()
-            .map(|&v| if v { ZERO } else { NEG_INF })
-            .collect();
-        step.masks[s].write(&mask);
+        if let Some(m) = step.masks[s] {
+            let mask: Vec<u16> = plan
+                .visible
+                .iter()
+                .map(|&v| if v { ZERO } else { NEG_INF })
+                .collect();
+            m.write(&mask);
+        }
         if let (Some(t), AttnSource::Gather { rows }) = (step.gather_rows[s], &plan.source) {
             t.write(rows);
         }

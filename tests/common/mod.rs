@@ -3,7 +3,7 @@
 
 pub mod reference;
 
-use mistrald::engine::{Engine, EngineConfig};
+use mistrald::engine::{AttentionChoice, Engine, EngineConfig};
 use mistrald::ggml::GgmlType;
 use mistrald::kv_cache::KvType;
 use mistrald::model::synthetic::{write_synthetic_model, SyntheticSpec};
@@ -32,10 +32,22 @@ pub fn tiny_model(dir: &Path, ty: GgmlType) -> PathBuf {
     path
 }
 
-/// Loads `path` into an engine.
+/// Loads `path` into an engine with the default (native) attention.
 pub fn engine(path: &Path, kv: KvType, window: Option<usize>, batch: usize) -> Engine {
+    engine_with(path, kv, window, batch, AttentionChoice::Native)
+}
+
+/// Loads `path` into an engine with the given attention implementation.
+pub fn engine_with(
+    path: &Path,
+    kv: KvType,
+    window: Option<usize>,
+    batch: usize,
+    attention: AttentionChoice,
+) -> Engine {
     let model = Model::load(MappedGguf::open(path).unwrap()).unwrap();
     let cfg = EngineConfig {
+        attention,
         n_threads: 1,
         kv_type: kv,
         sliding_window: Some(window.unwrap_or(0)),
