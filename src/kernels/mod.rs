@@ -13,6 +13,7 @@
 
 pub mod bench;
 pub mod ffi;
+pub mod ggml_bench;
 pub mod ggml_op;
 #[cfg(test)]
 mod tests;

@@ -1,0 +1,66 @@
+//! The yardstick for the attention microbenchmark: ggml's `ggml_flash_attn_ext` computing the
+//! same decode attention (Mistral 7B shapes) over the same kind of cache, on ggml's CPU backend.
+
+use super::KvType;
+use crate::ggml::{CpuBackend, GgmlType, GraphAllocator};
+use crate::ggml::{Context, Tensor};
+use std::time::{Duration, Instant};
+
+const HEAD_DIM: i64 = 128;
+const N_HEAD: i64 = 32;
+const N_HEAD_KV: i64 = 8;
+
+/// Median microseconds of one decode attention call (one layer) by `ggml_flash_attn_ext` over
+/// `n_hist + 1` cached positions of `kv_type`, with `threads` threads, measured for at least
+/// `min_time`.
+pub fn ggml_flash_attn_micros(n_hist: usize, kv_type: KvType, threads: usize, min_time: Duration) -> anyhow::Result<f64> {
+    let ty = match kv_type {
+        KvType::F32 => GgmlType::F32,
+        KvType::F16 => GgmlType::F16,
+        KvType::Q8_0 => GgmlType::Q8_0,
+    };
+    let n_kv = n_hist as i64 + 1;
+    let backend = CpuBackend::new(threads)?;
+    let data_ctx = Context::new(8 * crate::ggml::tensor_overhead(), true)?;
+    let k = data_ctx.new_tensor(ty, &[HEAD_DIM * N_HEAD_KV, n_kv]);
+    let v = data_ctx.new_tensor(ty, &[HEAD_DIM * N_HEAD_KV, n_kv]);
+    let q = data_ctx.new_tensor(GgmlType::F32, &[HEAD_DIM, N_HEAD, 1]);
+    let mask = data_ctx.new_tensor(GgmlType::F16, &[n_kv, 1]);
+    let _buffer = backend.alloc_context_tensors(&data_ctx)?;
+    fill(k, ty, 1)?;
+    fill(v, ty, 2)?;
+    q.write(&(0..HEAD_DIM * N_HEAD).map(|i| ((i * 7919 % 1000) as f32 / 1000.0 - 0.5) * 0.3).collect::<Vec<f32>>());
+    mask.write(&vec![0u16; n_kv as usize]);
+
+    let ctx = Context::for_graph(16, 16)?;
+    let mut graph = ctx.new_graph(16);
+    let heads = |t: Tensor<'_>| {
+        let row = t.nb()[1];
+        let head = ty.row_bytes(HEAD_DIM as u64).expect("whole blocks") as usize;
+        ctx.view(t, &[HEAD_DIM, n_kv, N_HEAD_KV], &[row, head], 0)
+    };
+    let qp = ctx.permute(q, [0, 2, 1, 3]);
+    let out = ctx.flash_attn(qp, heads(k), heads(v), mask, 1.0 / (HEAD_DIM as f32).sqrt());
+    graph.expand(out);
+    let mut alloc = GraphAllocator::new()?;
+    alloc.alloc(&graph)?;
+    backend.compute(&graph)?; // warm-up
+    let mut samples = Vec::new();
+    let start = Instant::now();
+    while start.elapsed() < min_time || samples.len() < 5 {
+        let t = Instant::now();
+        backend.compute(&graph)?;
+        samples.push(t.elapsed().as_secs_f64() * 1e6);
+    }
+    samples.sort_by(f64::total_cmp);
+    Ok(samples[samples.len() / 2])
+}
+
+/// Fills a cache tensor with small deterministic values, quantized to its type.
+fn fill(t: Tensor<'_>, ty: GgmlType, seed: u64) -> anyhow::Result<()> {
+    let n = t.n_elements() as usize;
+    let values: Vec<f32> = (0..n as u64).map(|i| (((i * 2654435761 + seed * 97) % 2000) as f32 / 1000.0 - 1.0) * 0.5).collect();
+    let bytes = crate::ggml::gguf_writer::quantize(ty, &values, t.ne()[0] as usize)?;
+    t.write::<u8>(&bytes);
+    Ok(())
+}
