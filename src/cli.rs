@@ -38,6 +38,25 @@ enum Command {
     Info(InfoArgs),
     /// Write a random-weight Mistral-shaped GGUF model (for tests and benchmarks).
     MakeModel(MakeModelArgs),
+    /// Microbenchmark of decode attention (Mistral 7B shapes): every native kernel path
+    /// against scalar and against ggml's flash_attn_ext.
+    BenchAttention(BenchAttentionArgs),
+}
+
+#[derive(Args, Debug)]
+struct BenchAttentionArgs {
+    /// History lengths (cached positions).
+    #[arg(long, value_delimiter = ',', default_value = "512,2048,4096")]
+    history: Vec<usize>,
+    /// Thread counts.
+    #[arg(long, value_delimiter = ',', default_value = "1,2")]
+    threads: Vec<usize>,
+    /// Cache types (f16, q8_0).
+    #[arg(long, value_delimiter = ',', default_value = "f16,q8_0")]
+    kv_type: Vec<String>,
+    /// Minimum measuring time per configuration, in milliseconds.
+    #[arg(long, default_value_t = 300)]
+    min_ms: u64,
 }
 
 /// Options shared by every command that runs the model.
@@ -254,6 +273,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Bench(a) => cmd_bench(a),
         Command::Info(a) => cmd_info(a),
         Command::MakeModel(a) => cmd_make_model(a),
+        Command::BenchAttention(a) => cmd_bench_attention(a),
     }
 }
 
@@ -546,6 +566,59 @@ fn cmd_make_model(a: MakeModelArgs) -> anyhow::Result<()> {
         spec.n_layer,
         spec.n_embd,
         t0.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+fn cmd_bench_attention(a: BenchAttentionArgs) -> anyhow::Result<()> {
+    use crate::kernels::bench::{bench_attention, format_table, BenchOptions};
+    use crate::kernels::ggml_bench::ggml_flash_attn_micros;
+    use crate::kernels::KvType as KernelKv;
+    let kv_types = a
+        .kv_type
+        .iter()
+        .map(|t| match t.as_str() {
+            "f16" => Ok(KernelKv::F16),
+            "q8_0" => Ok(KernelKv::Q8_0),
+            "f32" => Ok(KernelKv::F32),
+            other => bail!("unknown cache type '{other}'"),
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let min_time = std::time::Duration::from_millis(a.min_ms);
+    let opts = BenchOptions {
+        n_hist: a.history.clone(),
+        kv_types: kv_types.clone(),
+        threads: a.threads.clone(),
+        paths: Vec::new(),
+        min_time,
+    };
+    let rows = bench_attention(&opts)?;
+    println!("{}", format_table(&rows));
+    println!("| kv type | history | threads | ggml flash_attn_ext µs | best native path | native µs | native vs ggml |");
+    println!("|---|---:|---:|---:|---|---:|---:|");
+    for &kv in &kv_types {
+        for &h in &a.history {
+            for &t in &a.threads {
+                let ggml = ggml_flash_attn_micros(h, kv, t, min_time)?;
+                let best = rows
+                    .iter()
+                    .filter(|r| r.kv_type == kv && r.n_hist == h && r.threads == t)
+                    .min_by(|x, y| x.micros.total_cmp(&y.micros));
+                if let Some(b) = best {
+                    println!(
+                        "| {} | {h} | {t} | {ggml:.1} | {} | {:.1} | {:.2}× |",
+                        kv.name(),
+                        b.path.name(),
+                        b.micros,
+                        ggml / b.micros
+                    );
+                }
+            }
+        }
+    }
+    println!(
+        "\nkernel path selected for inference: {}",
+        crate::kernels::selected_path()?.description()
     );
     Ok(())
 }

@@ -2,8 +2,8 @@
 //! same decode attention (Mistral 7B shapes) over the same kind of cache, on ggml's CPU backend.
 
 use super::KvType;
-use crate::ggml::{CpuBackend, GgmlType, GraphAllocator};
 use crate::ggml::{Context, Tensor};
+use crate::ggml::{CpuBackend, GgmlType, GraphAllocator};
 use std::time::{Duration, Instant};
 
 const HEAD_DIM: i64 = 128;
@@ -13,7 +13,12 @@ const N_HEAD_KV: i64 = 8;
 /// Median microseconds of one decode attention call (one layer) by `ggml_flash_attn_ext` over
 /// `n_hist + 1` cached positions of `kv_type`, with `threads` threads, measured for at least
 /// `min_time`.
-pub fn ggml_flash_attn_micros(n_hist: usize, kv_type: KvType, threads: usize, min_time: Duration) -> anyhow::Result<f64> {
+pub fn ggml_flash_attn_micros(
+    n_hist: usize,
+    kv_type: KvType,
+    threads: usize,
+    min_time: Duration,
+) -> anyhow::Result<f64> {
     let ty = match kv_type {
         KvType::F32 => GgmlType::F32,
         KvType::F16 => GgmlType::F16,
@@ -29,7 +34,11 @@ pub fn ggml_flash_attn_micros(n_hist: usize, kv_type: KvType, threads: usize, mi
     let _buffer = backend.alloc_context_tensors(&data_ctx)?;
     fill(k, ty, 1)?;
     fill(v, ty, 2)?;
-    q.write(&(0..HEAD_DIM * N_HEAD).map(|i| ((i * 7919 % 1000) as f32 / 1000.0 - 0.5) * 0.3).collect::<Vec<f32>>());
+    q.write(
+        &(0..HEAD_DIM * N_HEAD)
+            .map(|i| ((i * 7919 % 1000) as f32 / 1000.0 - 0.5) * 0.3)
+            .collect::<Vec<f32>>(),
+    );
     mask.write(&vec![0u16; n_kv as usize]);
 
     let ctx = Context::for_graph(16, 16)?;
@@ -59,7 +68,9 @@ pub fn ggml_flash_attn_micros(n_hist: usize, kv_type: KvType, threads: usize, mi
 /// Fills a cache tensor with small deterministic values, quantized to its type.
 fn fill(t: Tensor<'_>, ty: GgmlType, seed: u64) -> anyhow::Result<()> {
     let n = t.n_elements() as usize;
-    let values: Vec<f32> = (0..n as u64).map(|i| (((i * 2654435761 + seed * 97) % 2000) as f32 / 1000.0 - 1.0) * 0.5).collect();
+    let values: Vec<f32> = (0..n as u64)
+        .map(|i| (((i * 2654435761 + seed * 97) % 2000) as f32 / 1000.0 - 1.0) * 0.5)
+        .collect();
     let bytes = crate::ggml::gguf_writer::quantize(ty, &values, t.ne()[0] as usize)?;
     t.write::<u8>(&bytes);
     Ok(())
