@@ -80,10 +80,10 @@ struct ModelArgs {
     /// Most tokens per step (prefill chunk size).
     #[arg(long, default_value_t = 512)]
     batch_size: usize,
-    /// Convert weight matrices to ggml's repacked layout at load time (faster matrix
-    /// products; those weights then live in anonymous memory instead of the file's pages).
+    /// Use every weight in place from the memory-mapped file instead of converting the
+    /// matrices ggml can repack into its faster interleaved layout at load time.
     #[arg(long)]
-    repack: bool,
+    no_repack: bool,
     /// Attention implementation: native (mistrald's kernels) or ggml (flash_attn_ext).
     #[arg(long, default_value = "native")]
     attention: AttentionChoice,
@@ -110,7 +110,7 @@ impl ModelArgs {
         let model = Model::load_with(
             file,
             LoadOptions {
-                repack: self.repack,
+                repack: !self.no_repack,
             },
         )?;
         if tok.vocab_size() != model.hparams.n_vocab {
@@ -516,8 +516,9 @@ fn cmd_info(a: InfoArgs) -> anyhow::Result<()> {
         mib(kv.total_bytes() as u64)
     );
     println!(
-        "weights:         {:.1} MiB (memory-mapped)",
-        mib(m.weight_bytes())
+        "weights:         {:.1} MiB memory-mapped, {:.1} MiB of them repacked",
+        mib(m.weight_bytes()),
+        mib(m.repacked_bytes())
     );
     println!(
         "chat template:   {}",
