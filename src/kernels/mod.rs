@@ -432,7 +432,7 @@ pub struct AttnInputs<'a> {
     pub k_new: &'a [f32],
     /// `[n_q][n_head_kv][head_dim]` values of the query positions.
     pub v_new: &'a [f32],
-    /// Key ring: `n_slots` slots of `slot_bytes` bytes (the last may end after its last row).
+    /// Key ring: row (slot s, kv head h) at byte `s * slot_bytes + h * head_bytes`.
     pub k_cache: &'a [u8],
     /// Value ring, same layout as `k_cache`.
     pub v_cache: &'a [u8],
@@ -533,26 +533,27 @@ impl AttnParams {
         if !self.scale.is_finite() {
             return bad(format!("scale {} is not finite", self.scale));
         }
+        // Any strides work (slot-major, head-major, padded) as long as rows
+        // do not overlap within a dimension and every row lies in the buffer.
         let row = self.kv_type.row_bytes(d);
-        if self.head_bytes < row {
+        if self.n_head_kv > 1 && self.head_bytes < row {
             return bad(format!(
                 "head_bytes {} is smaller than a {} row of {d} elements ({row} bytes)",
                 self.head_bytes,
                 self.kv_type.name()
             ));
         }
-        let slot_need = (self.n_head_kv - 1) * self.head_bytes + row;
-        if self.slot_bytes < slot_need {
+        if self.n_slots > 1 && self.slot_bytes < row {
             return bad(format!(
-                "slot_bytes {} is smaller than the {slot_need} bytes one slot's {} heads need",
-                self.slot_bytes, self.n_head_kv
+                "slot_bytes {} is smaller than a {} row of {d} elements ({row} bytes)",
+                self.slot_bytes,
+                self.kv_type.name()
             ));
         }
-        let need = self
-            .n_slots
-            .checked_sub(1)
-            .and_then(|s| s.checked_mul(self.slot_bytes))
-            .and_then(|b| b.checked_add(slot_need))
+        let need = (self.n_slots - 1)
+            .checked_mul(self.slot_bytes)
+            .and_then(|b| b.checked_add((self.n_head_kv - 1).checked_mul(self.head_bytes)?))
+            .and_then(|b| b.checked_add(row))
             .ok_or_else(|| KernelError::Invalid("cache size overflows".into()))?;
         for (name, buf) in [("k_cache", inputs.k_cache), ("v_cache", inputs.v_cache)] {
             if buf.len() < need {

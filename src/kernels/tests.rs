@@ -457,6 +457,11 @@ fn padded_layout() {
         c.p.head_bytes = ty.row_bytes(64) + 12;
         c.p.slot_bytes = 2 * c.p.head_bytes + 40;
         check_case(&c);
+        // head-major: one head's slots contiguous
+        let mut c = case(64, 8, 2, 0, ty, 24, 30, 20, 2, 98);
+        c.p.slot_bytes = ty.row_bytes(64);
+        c.p.head_bytes = 24 * c.p.slot_bytes;
+        check_case(&c);
     }
 }
 
