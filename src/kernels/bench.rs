@@ -2,11 +2,31 @@
 //! shapes: 32 query heads, 8 KV heads, head_dim 128, over a ring holding the
 //! whole history, for each available path (scalar included), F16 and Q8_0
 //! caches, 1 and 2 threads. Threads are a small spinning pool started once,
-//! like ggml's workers, so thread start-up is not timed.
+//! like ggml's workers, so thread start-up is not timed (they spin, then
+//! yield, between calls).
 
 use super::{AttnParams, Kernel, KernelError, KernelPath, KvType, RawAttnParams};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
+
+/// How the ring is laid out in memory (the kernel takes any strides).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CacheLayout {
+    /// `[slot][kv head][row]`: one position's heads together (llama.cpp's layout).
+    SlotMajor,
+    /// `[kv head][slot][row]`: one head's positions contiguous.
+    HeadMajor,
+}
+
+impl CacheLayout {
+    /// Short name for tables.
+    pub fn name(self) -> &'static str {
+        match self {
+            CacheLayout::SlotMajor => "slot-major",
+            CacheLayout::HeadMajor => "head-major",
+        }
+    }
+}
 
 /// What to measure.
 #[derive(Debug, Clone)]
@@ -17,6 +37,8 @@ pub struct BenchOptions {
     pub kv_types: Vec<KvType>,
     /// Thread counts.
     pub threads: Vec<usize>,
+    /// Cache layouts.
+    pub layouts: Vec<CacheLayout>,
     /// Paths; empty = every available path.
     pub paths: Vec<KernelPath>,
     /// Minimum time measured per configuration.
@@ -29,6 +51,7 @@ impl Default for BenchOptions {
             n_hist: vec![512, 2048, 4096],
             kv_types: vec![KvType::F16, KvType::Q8_0],
             threads: vec![1, 2],
+            layouts: vec![CacheLayout::SlotMajor, CacheLayout::HeadMajor],
             paths: Vec::new(),
             min_time: Duration::from_millis(300),
         }
@@ -44,10 +67,14 @@ pub struct BenchRow {
     pub kv_type: KvType,
     /// History length.
     pub n_hist: usize,
+    /// Ring layout.
+    pub layout: CacheLayout,
     /// Threads.
     pub threads: usize,
     /// Median microseconds per call (one layer's decode attention).
     pub micros: f64,
+    /// Fastest call, microseconds (less sensitive to other load on the machine).
+    pub best_micros: f64,
     /// K+V cache bytes read per call divided by the time, GB/s.
     pub gbytes_per_s: f64,
 }
@@ -69,7 +96,11 @@ pub fn bench_attention(opts: &BenchOptions) -> Result<Vec<BenchRow>, KernelError
         .collect::<Result<Vec<_>, _>>()?;
     let mut rows = Vec::new();
     for &ty in &opts.kv_types {
-        for &n_hist in &opts.n_hist {
+        for (&n_hist, &layout) in opts
+            .n_hist
+            .iter()
+            .flat_map(|h| opts.layouts.iter().map(move |l| (h, l)))
+        {
             // Ring = history + this token, history wrapped by a third of the ring.
             let n_slots = n_hist + 1;
             let pos0 = (n_hist + n_slots / 3) as u64;
@@ -110,14 +141,16 @@ pub fn bench_attention(opts: &BenchOptions) -> Result<Vec<BenchRow>, KernelError
             let raw = p.to_raw(&inputs, out.as_mut_ptr());
             for k in &kernels {
                 for &nth in &opts.threads {
-                    let micros = time_kernel(k, &raw, nth.max(1), opts.min_time);
+                    let (micros, best_micros) = time_kernel(k, &raw, nth.max(1), opts.min_time);
                     let kv_bytes = 2 * n_hist * N_HEAD_KV * ty.row_bytes(HEAD_DIM);
                     rows.push(BenchRow {
                         path: k.path(),
                         kv_type: ty,
                         n_hist,
+                        layout,
                         threads: nth.max(1),
                         micros,
+                        best_micros,
                         gbytes_per_s: kv_bytes as f64 / (micros * 1e3),
                     });
                 }
@@ -131,8 +164,19 @@ struct Shared(*const RawAttnParams);
 // SAFETY: the kernel may be called with the same params from several threads.
 unsafe impl Sync for Shared {}
 
-/// Median time of one call (all `nth` shares), in microseconds.
-fn time_kernel(k: &Kernel, raw: &RawAttnParams, nth: usize, min_time: Duration) -> f64 {
+/// Busy-waits briefly, then yields the CPU: on a machine with more runnable
+/// threads than cores a pure spin would wait out whole scheduler time slices.
+fn relax(spins: &mut u32) {
+    *spins += 1;
+    if *spins < 2000 {
+        std::hint::spin_loop();
+    } else {
+        std::thread::yield_now();
+    }
+}
+
+/// Median and minimum time of one call (all `nth` shares), in microseconds.
+fn time_kernel(k: &Kernel, raw: &RawAttnParams, nth: usize, min_time: Duration) -> (f64, f64) {
     // 8 KV heads >= threads here, so no scratch (key-range split) is needed.
     let shared = Shared(raw);
     let gen = AtomicU64::new(0);
@@ -144,18 +188,20 @@ fn time_kernel(k: &Kernel, raw: &RawAttnParams, nth: usize, min_time: Duration) 
             let (shared, gen, done, stop) = (&shared, &gen, &done, &stop);
             s.spawn(move || {
                 let mut seen = 0;
+                let mut spins = 0u32;
                 loop {
                     let g = loop {
                         let g = gen.load(Ordering::Acquire);
                         if g != seen || stop.load(Ordering::Acquire) {
                             break g;
                         }
-                        std::hint::spin_loop();
+                        relax(&mut spins);
                     };
                     if stop.load(Ordering::Acquire) {
                         return;
                     }
                     seen = g;
+                    spins = 0;
                     // SAFETY: params validated by the caller; shares are disjoint.
                     unsafe { k.run_raw(shared.0, ith as i32, nth as i32) };
                     done.fetch_add(1, Ordering::AcqRel);
@@ -166,8 +212,9 @@ fn time_kernel(k: &Kernel, raw: &RawAttnParams, nth: usize, min_time: Duration) 
             gen.store(g, Ordering::Release);
             // SAFETY: as above.
             unsafe { k.run_raw(shared.0, 0, nth as i32) };
+            let mut spins = 0u32;
             while done.load(Ordering::Acquire) < (g as usize) * (nth - 1) {
-                std::hint::spin_loop();
+                relax(&mut spins);
             }
         };
         let mut g = 0;
@@ -186,13 +233,13 @@ fn time_kernel(k: &Kernel, raw: &RawAttnParams, nth: usize, min_time: Duration) 
         stop.store(true, Ordering::Release);
     });
     samples.sort_by(|a, b| a.total_cmp(b));
-    samples[samples.len() / 2]
+    (samples[samples.len() / 2], samples[0])
 }
 
 /// Formats rows as a Markdown table, with the speed-up over scalar.
 pub fn format_table(rows: &[BenchRow]) -> String {
     let mut s = String::from(
-        "| path | kv type | history | threads | µs/call | GB/s (K+V) | vs scalar |\n|---|---|---:|---:|---:|---:|---:|\n",
+        "| path | kv type | history | layout | threads | µs/call (median) | µs/call (best) | GB/s (K+V, median) | vs scalar (median) |\n|---|---|---:|---|---:|---:|---:|---:|---:|\n",
     );
     for r in rows {
         let base = rows
@@ -201,17 +248,20 @@ pub fn format_table(rows: &[BenchRow]) -> String {
                 b.path == KernelPath::Scalar
                     && b.kv_type == r.kv_type
                     && b.n_hist == r.n_hist
+                    && b.layout == r.layout
                     && b.threads == r.threads
             })
             .map(|b| format!("{:.2}×", b.micros / r.micros))
             .unwrap_or_else(|| "-".into());
         s += &format!(
-            "| {} | {} | {} | {} | {:.1} | {:.2} | {} |\n",
+            "| {} | {} | {} | {} | {} | {:.1} | {:.1} | {:.2} | {} |\n",
             r.path.description(),
             r.kv_type.name(),
             r.n_hist,
+            r.layout.name(),
             r.threads,
             r.micros,
+            r.best_micros,
             r.gbytes_per_s,
             base
         );

@@ -434,7 +434,7 @@ pub struct AttnInputs<'a> {
     pub k_new: &'a [f32],
     /// `[n_q][n_head_kv][head_dim]` values of the query positions.
     pub v_new: &'a [f32],
-    /// Key ring: `n_slots` slots of `slot_bytes` bytes (the last may end after its last row).
+    /// Key ring: row (slot s, kv head h) at byte `s * slot_bytes + h * head_bytes`.
     pub k_cache: &'a [u8],
     /// Value ring, same layout as `k_cache`.
     pub v_cache: &'a [u8],
@@ -481,6 +481,48 @@ impl AttnParams {
     /// Checks every size and bound of the kernel contract against the
     /// buffers (`out_len`: length of the output slice).
     pub fn validate(&self, inputs: &AttnInputs<'_>, out_len: usize) -> Result<(), KernelError> {
+        let bad = |msg: String| Err(KernelError::Invalid(msg));
+        let need = self.validate_layout()?;
+        let d = self.head_dim;
+        for (name, buf) in [("k_cache", inputs.k_cache), ("v_cache", inputs.v_cache)] {
+            if buf.len() < need {
+                return bad(format!(
+                    "{name} has {} bytes, the ring of {} slots needs {need}",
+                    buf.len(),
+                    self.n_slots
+                ));
+            }
+            let al = self.kv_type.align();
+            if (buf.as_ptr() as usize) % al != 0 {
+                return bad(format!(
+                    "{name} is not {al}-byte aligned as {} rows need",
+                    self.kv_type.name()
+                ));
+            }
+        }
+        let nq_len = self.n_q.saturating_mul(self.n_head).saturating_mul(d);
+        let nkv_len = self.n_q.saturating_mul(self.n_head_kv).saturating_mul(d);
+        for (name, len, want) in [
+            ("q", inputs.q.len(), nq_len),
+            ("k_new", inputs.k_new.len(), nkv_len),
+            ("v_new", inputs.v_new.len(), nkv_len),
+            ("out", out_len, nq_len),
+        ] {
+            if len != want {
+                return bad(format!(
+                    "{name} has {len} elements, expected {want} (n_q {} x heads x head_dim {d})",
+                    self.n_q
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks the shapes, positions and cache strides (everything but the
+    /// buffers) and returns the bytes each cache buffer must span. The ggml
+    /// op can call it when it builds the graph, then fill the raw block with
+    /// [`AttnParams::to_raw_ptrs`].
+    pub fn validate_layout(&self) -> Result<usize, KernelError> {
         let bad = |msg: String| Err(KernelError::Invalid(msg));
         let d = self.head_dim;
         if d == 0 || d % 32 != 0 || d > MAX_HEAD_DIM {
@@ -535,43 +577,28 @@ impl AttnParams {
         if !self.scale.is_finite() {
             return bad(format!("scale {} is not finite", self.scale));
         }
+        // Any strides work (slot-major, head-major, padded) as long as rows
+        // do not overlap within a dimension and every row lies in the buffer.
         let row = self.kv_type.row_bytes(d);
-        if self.head_bytes < row {
+        if self.n_head_kv > 1 && self.head_bytes < row {
             return bad(format!(
                 "head_bytes {} is smaller than a {} row of {d} elements ({row} bytes)",
                 self.head_bytes,
                 self.kv_type.name()
             ));
         }
-        let slot_need = (self.n_head_kv - 1) * self.head_bytes + row;
-        if self.slot_bytes < slot_need {
+        if self.n_slots > 1 && self.slot_bytes < row {
             return bad(format!(
-                "slot_bytes {} is smaller than the {slot_need} bytes one slot's {} heads need",
-                self.slot_bytes, self.n_head_kv
+                "slot_bytes {} is smaller than a {} row of {d} elements ({row} bytes)",
+                self.slot_bytes,
+                self.kv_type.name()
             ));
         }
-        let need = self
-            .n_slots
-            .checked_sub(1)
-            .and_then(|s| s.checked_mul(self.slot_bytes))
-            .and_then(|b| b.checked_add(slot_need))
+        let need = (self.n_slots - 1)
+            .checked_mul(self.slot_bytes)
+            .and_then(|b| b.checked_add((self.n_head_kv - 1).checked_mul(self.head_bytes)?))
+            .and_then(|b| b.checked_add(row))
             .ok_or_else(|| KernelError::Invalid("cache size overflows".into()))?;
-        for (name, buf) in [("k_cache", inputs.k_cache), ("v_cache", inputs.v_cache)] {
-            if buf.len() < need {
-                return bad(format!(
-                    "{name} has {} bytes, the ring of {} slots needs {need}",
-                    buf.len(),
-                    self.n_slots
-                ));
-            }
-            let al = self.kv_type.align();
-            if (buf.as_ptr() as usize) % al != 0 {
-                return bad(format!(
-                    "{name} is not {al}-byte aligned as {} rows need",
-                    self.kv_type.name()
-                ));
-            }
-        }
         let al = self.kv_type.align();
         if self.slot_bytes % al != 0 || self.head_bytes % al != 0 {
             return bad(format!(
@@ -579,26 +606,34 @@ impl AttnParams {
                 self.kv_type.name()
             ));
         }
-        let nq_len = self.n_q * self.n_head * d;
-        let nkv_len = self.n_q * self.n_head_kv * d;
-        for (name, len, want) in [
-            ("q", inputs.q.len(), nq_len),
-            ("k_new", inputs.k_new.len(), nkv_len),
-            ("v_new", inputs.v_new.len(), nkv_len),
-            ("out", out_len, nq_len),
-        ] {
-            if len != want {
-                return bad(format!(
-                    "{name} has {len} elements, expected {want} (n_q {} x heads x head_dim {d})",
-                    self.n_q
-                ));
-            }
-        }
-        Ok(())
+        Ok(need)
     }
 
     /// The raw parameter block (scratch unset); `validate` must have passed.
     fn to_raw(&self, inputs: &AttnInputs<'_>, out: *mut f32) -> RawAttnParams {
+        self.to_raw_ptrs(
+            inputs.q.as_ptr(),
+            inputs.k_new.as_ptr(),
+            inputs.v_new.as_ptr(),
+            inputs.k_cache.as_ptr().cast(),
+            inputs.v_cache.as_ptr().cast(),
+            out,
+        )
+    }
+
+    /// The raw parameter block for [`Kernel::run_raw`] from raw pointers
+    /// (scratch unset). Building it is safe; using it requires
+    /// [`AttnParams::validate_layout`] to have passed and the pointers to be
+    /// valid for the sizes it implies (see [`Kernel::run_raw`]).
+    pub fn to_raw_ptrs(
+        &self,
+        q: *const f32,
+        k_new: *const f32,
+        v_new: *const f32,
+        k_cache: *const std::ffi::c_void,
+        v_cache: *const std::ffi::c_void,
+        out: *mut f32,
+    ) -> RawAttnParams {
         RawAttnParams {
             head_dim: self.head_dim as i32,
             n_head: self.n_head as i32,
@@ -606,16 +641,16 @@ impl AttnParams {
             window: self.window as i32,
             kv_type: self.kv_type.raw(),
             n_slots: self.n_slots as i32,
-            k_cache: inputs.k_cache.as_ptr().cast(),
-            v_cache: inputs.v_cache.as_ptr().cast(),
+            k_cache,
+            v_cache,
             slot_bytes: self.slot_bytes,
             head_bytes: self.head_bytes,
             pos0: self.pos0 as i64,
             n_hist: self.n_hist as i64,
             n_q: self.n_q as i32,
-            q: inputs.q.as_ptr(),
-            k_new: inputs.k_new.as_ptr(),
-            v_new: inputs.v_new.as_ptr(),
+            q,
+            k_new,
+            v_new,
             scale: self.scale,
             out,
             scratch: std::ptr::null_mut(),

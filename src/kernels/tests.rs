@@ -457,6 +457,11 @@ fn padded_layout() {
         c.p.head_bytes = ty.row_bytes(64) + 12;
         c.p.slot_bytes = 2 * c.p.head_bytes + 40;
         check_case(&c);
+        // head-major: one head's slots contiguous
+        let mut c = case(64, 8, 2, 0, ty, 24, 30, 20, 2, 98);
+        c.p.slot_bytes = ty.row_bytes(64);
+        c.p.head_bytes = 24 * c.p.slot_bytes;
+        check_case(&c);
     }
 }
 
@@ -682,5 +687,27 @@ fn selected_path_follows_env_and_c_dispatcher() {
         assert_eq!(unsafe { ffi::mk_current_path() }, path.raw());
         let k = Kernel::selected().unwrap();
         assert_eq!(k.path(), path);
+    }
+}
+
+#[test]
+fn split_with_fewer_keys_than_parts() {
+    // One unit split 7 ways but only 1..4 keys: most parts are empty
+    // (max -inf, sum 0) and must drop out of the merge.
+    for n_hist in 0..4 {
+        for ty in TYPES {
+            let c = case(64, 4, 1, 0, ty, 8, 10, n_hist, 1, 3);
+            let data = make_data(&c);
+            let inputs = data.inputs(&c.p);
+            let want = reference(&c, &data, false);
+            let want_q = reference(&c, &data, true);
+            for (name, k, quant_q) in kernels() {
+                let r = if quant_q { &want_q } else { &want };
+                let mut out = vec![f32::NAN; want.len()];
+                k.run(&c.p, &inputs, &mut out, 7).unwrap();
+                let e = max_row_err(&out, r, 64);
+                assert!(e < TOL_REF, "{name} n_hist={n_hist}: {e:e}");
+            }
+        }
     }
 }

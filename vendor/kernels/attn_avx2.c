@@ -36,6 +36,12 @@ static inline void mk_kscore4(const float *q, int D, int NG, const void *row, in
         for (int g = 0; g < NG; g++)
             acc[g] = _mm256_fmadd_ps(_mm256_loadu_ps(q + (size_t)g * D + d), k, acc[g]);
     }
+    if (NG == 4) {
+        /* four horizontal sums at once: 3 hadds + one 128-bit add */
+        __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(acc[0], acc[1]), _mm256_hadd_ps(acc[2], acc[3]));
+        _mm_storeu_ps(s, _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)));
+        return;
+    }
     for (int g = 0; g < NG; g++)
         s[g] = mk_hsum256(acc[g]);
 }

@@ -28,6 +28,15 @@ static inline void mk_kscore4(const float *q, int D, int NG, const void *row, in
         for (int g = 0; g < NG; g++)
             acc[g] = _mm512_fmadd_ps(_mm512_loadu_ps(q + (size_t)g * D + d), k, acc[g]);
     }
+    if (NG == 4) {
+        /* four horizontal sums at once: fold to 256 bits, then 3 hadds + one 128-bit add */
+        __m256 y[4];
+        for (int g = 0; g < 4; g++)
+            y[g] = _mm256_add_ps(_mm512_castps512_ps256(acc[g]), _mm512_extractf32x8_ps(acc[g], 1));
+        __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(y[0], y[1]), _mm256_hadd_ps(y[2], y[3]));
+        _mm_storeu_ps(s, _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)));
+        return;
+    }
     for (int g = 0; g < NG; g++)
         s[g] = _mm512_reduce_add_ps(acc[g]);
 }

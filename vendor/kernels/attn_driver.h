@@ -115,6 +115,9 @@ static void mk_run_unit(const struct mk_attn_params *p, const struct mk_plan *pl
 
     const void *kr[MK_TILE];
     const void *vr[MK_TILE];
+    const size_t row_bytes = p->kv_type == MK_KV_F32   ? (size_t)D * 4
+                             : p->kv_type == MK_KV_F16 ? (size_t)D * 2
+                                                       : (size_t)D / 32 * sizeof(struct mk_block_q8_0);
     const char *kc = (const char *)p->k_cache + (size_t)h * p->head_bytes;
     const char *vc = (const char *)p->v_cache + (size_t)h * p->head_bytes;
 
@@ -129,6 +132,22 @@ static void mk_run_unit(const struct mk_attn_params *p, const struct mk_plan *pl
             vr[r] = vc + (size_t)slot * p->slot_bytes;
             if (++slot == p->n_slots)
                 slot = 0;
+        }
+        /* Prefetch the next tile's rows: with a slot-major ring, one head's
+         * consecutive rows are slot_bytes apart, too far apart for the
+         * hardware prefetchers to follow well. */
+        int64_t n_next = (b < n_old ? b : n_old) - (idx + n);
+        if (n_next > MK_TILE)
+            n_next = MK_TILE;
+        for (int64_t r = 0, s2 = slot; r < n_next; r++) {
+            const char *kp = kc + (size_t)s2 * p->slot_bytes;
+            const char *vp = vc + (size_t)s2 * p->slot_bytes;
+            for (size_t off = 0; off < row_bytes; off += 64) {
+                __builtin_prefetch(kp + off, 0, 3);
+                __builtin_prefetch(vp + off, 0, 3);
+            }
+            if (++s2 == p->n_slots)
+                s2 = 0;
         }
         mk_tile(p, &qc, ng, &st, kr, vr, n, p->kv_type);
         idx += n;
