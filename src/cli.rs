@@ -572,7 +572,7 @@ fn cmd_make_model(a: MakeModelArgs) -> anyhow::Result<()> {
 }
 
 fn cmd_bench_attention(a: BenchAttentionArgs) -> anyhow::Result<()> {
-    use crate::kernels::bench::{bench_attention, format_table, BenchOptions};
+    use crate::kernels::bench::{bench_attention, format_table, BenchOptions, CacheLayout};
     use crate::kernels::ggml_bench::ggml_flash_attn_micros;
     use crate::kernels::KvType as KernelKv;
     let kv_types = a
@@ -590,6 +590,8 @@ fn cmd_bench_attention(a: BenchAttentionArgs) -> anyhow::Result<()> {
         n_hist: a.history.clone(),
         kv_types: kv_types.clone(),
         threads: a.threads.clone(),
+        // The engine's cache is slot-major.
+        layouts: vec![CacheLayout::SlotMajor],
         paths: Vec::new(),
         min_time,
     };
