@@ -1,0 +1,4 @@
+//! mistrald: an inference daemon for Mistral-architecture language models on
+//! Linux edge boards.
+
+pub mod plugins;
