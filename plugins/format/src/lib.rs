@@ -99,10 +99,12 @@ impl Formatter {
             } else {
                 Some(line.to_owned())
             };
-            if let Some(line) = line {
-                for c in line.chars() {
-                    self.emit(c, &mut out);
-                }
+            let Some(line) = line else {
+                // A dropped line (code fence, table separator) leaves no trace.
+                continue;
+            };
+            for c in line.chars() {
+                self.emit(c, &mut out);
             }
             if newline {
                 self.emit('\n', &mut out);
@@ -270,6 +272,12 @@ fn trim_to(text: &str, max: usize) -> String {
         return text.to_owned();
     }
     let cut: String = text.chars().take(max).collect();
+    // Room for the ellipsis if no sentence end fits.
+    let word_cut: String = text.chars().take(max - 1).collect();
+    let word_complete = text[word_cut.len()..]
+        .chars()
+        .next()
+        .is_none_or(char::is_whitespace);
     let sentence_end = cut
         .char_indices()
         .filter(|&(i, c)| {
@@ -284,9 +292,12 @@ fn trim_to(text: &str, max: usize) -> String {
     match sentence_end {
         Some(end) => cut[..end].to_owned(),
         None => {
-            let cut = cut.trim_end();
-            let end = cut.rfind(char::is_whitespace).unwrap_or(cut.len());
-            let mut short = cut[..end].trim_end().to_owned();
+            let end = if word_complete {
+                word_cut.len()
+            } else {
+                word_cut.rfind(char::is_whitespace).unwrap_or(word_cut.len())
+            };
+            let mut short = word_cut[..end].trim_end().to_owned();
             short.push('…');
             short
         }
