@@ -12,7 +12,10 @@ use mistrald::plugins::{Grant, OnError, PluginConfig, PluginError, PluginHost};
 
 /// Little-endian bytes of `n` as a WAT string escape.
 fn le(n: u32) -> String {
-    n.to_le_bytes().iter().map(|b| format!("\\{b:02x}")).collect()
+    n.to_le_bytes()
+        .iter()
+        .map(|b| format!("\\{b:02x}"))
+        .collect()
 }
 
 /// A component implementing the `mistrald:plugin` world whose `on-prompt`
@@ -43,7 +46,11 @@ fn wat_source(prompt_body: &str, funcs: &str, imports: &str) -> String {
     let pass = "(i32.store8 (i32.const 160) (i32.const 0)) \
                 (i32.store (i32.const 164) (local.get 0)) \
                 (i32.store (i32.const 168) (local.get 1)) (i32.const 160)";
-    let body = if prompt_body.is_empty() { pass } else { prompt_body };
+    let body = if prompt_body.is_empty() {
+        pass
+    } else {
+        prompt_body
+    };
     format!(
         r#"(component
   {imports}
@@ -125,34 +132,54 @@ fn hostile(path: &Path, on_error: OnError) -> PluginConfig {
 fn misbehaves_in_a_call(wasm: &[u8], check: impl Fn(&str)) {
     let dir = tempfile::tempdir().unwrap();
     let path = write(dir.path(), "hostile.wasm", wasm);
-    let (host, report) =
-        PluginHost::new(config(vec![hostile(&path, OnError::Fail), good_moderation()]))
-            .expect("host starts");
+    let (host, report) = PluginHost::new(config(vec![
+        hostile(&path, OnError::Fail),
+        good_moderation(),
+    ]))
+    .expect("host starts");
     assert!(report.skipped.is_empty(), "{:?}", report.skipped);
 
     for _ in 0..2 {
         let started = Instant::now();
         let err = host.chain().on_prompt("darn it", &info()).unwrap_err();
-        assert!(started.elapsed() < Duration::from_secs(5), "took {:?}", started.elapsed());
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "took {:?}",
+            started.elapsed()
+        );
         assert!(matches!(err, PluginError::Failed { .. }), "{err}");
         assert_eq!(err.plugin(), "hostile");
         let message = err.to_string();
-        assert!(message.starts_with("plugin 'hostile' failed in on-prompt: "), "{message}");
+        assert!(
+            message.starts_with("plugin 'hostile' failed in on-prompt: "),
+            "{message}"
+        );
         check(&message);
     }
 
-    host.reload_with(config(vec![hostile(&path, OnError::Skip), good_moderation()]))
-        .unwrap();
-    assert_eq!(host.chain().on_prompt("darn it", &info()).unwrap(), "**** it");
+    host.reload_with(config(vec![
+        hostile(&path, OnError::Skip),
+        good_moderation(),
+    ]))
+    .unwrap();
+    assert_eq!(
+        host.chain().on_prompt("darn it", &info()).unwrap(),
+        "**** it"
+    );
 
     host.reload_with(config(vec![good_moderation()])).unwrap();
-    assert_eq!(host.chain().on_complete("oh darn", &info()).unwrap(), "oh ****");
+    assert_eq!(
+        host.chain().on_complete("oh darn", &info()).unwrap(),
+        "oh ****"
+    );
 }
 
 #[test]
 fn infinite_loop_times_out() {
     let wasm = component("(loop $l (br $l)) (unreachable)", "", "");
-    misbehaves_in_a_call(&wasm, |m| assert!(m.contains("timed out (time limit 50ms per call)"), "{m}"));
+    misbehaves_in_a_call(&wasm, |m| {
+        assert!(m.contains("timed out (time limit 50ms per call)"), "{m}")
+    });
 }
 
 #[test]
@@ -161,7 +188,9 @@ fn unbounded_memory_growth_hits_the_limit() {
                   (br_if $done (i32.eq (memory.grow (i32.const 256)) (i32.const -1))) \
                   (br $l))) (unreachable)";
     let wasm = component(body, "", "");
-    misbehaves_in_a_call(&wasm, |m| assert!(m.contains("exceeded the memory limit of 64 MiB"), "{m}"));
+    misbehaves_in_a_call(&wasm, |m| {
+        assert!(m.contains("exceeded the memory limit of 64 MiB"), "{m}")
+    });
 }
 
 #[test]
@@ -202,7 +231,10 @@ fn enormous_output_is_rejected() {
                 (i32.store (i32.const 168) (i32.const 2097152)) (i32.const 160)";
     let wasm = component(body, "", "");
     misbehaves_in_a_call(&wasm, |m| {
-        assert!(m.contains("returned 2097152 bytes, more than the limit of 1048576"), "{m}")
+        assert!(
+            m.contains("returned 2097152 bytes, more than the limit of 1048576"),
+            "{m}"
+        )
     });
 }
 
@@ -220,17 +252,25 @@ fn out_of_bounds_output_is_rejected() {
 fn refused_unless_granted(import: &str, grant: Grant, granted_loads: bool) {
     let dir = tempfile::tempdir().unwrap();
     let path = write(dir.path(), "hostile.wasm", &component("", "", import));
-    let (host, report) =
-        PluginHost::new(config(vec![hostile(&path, OnError::Fail), good_moderation()])).unwrap();
+    let (host, report) = PluginHost::new(config(vec![
+        hostile(&path, OnError::Fail),
+        good_moderation(),
+    ]))
+    .unwrap();
     assert_eq!(report.loaded.len(), 1);
     let err = report.skipped[0].to_string();
     assert!(err.starts_with("plugin 'hostile'"), "{err}");
-    assert!(err.contains(&format!("needs the \"{grant}\" grant")), "{err}");
+    assert!(
+        err.contains(&format!("needs the \"{grant}\" grant")),
+        "{err}"
+    );
     assert_eq!(host.chain().on_prompt("darn", &info()).unwrap(), "****");
 
     let mut required = hostile(&path, OnError::Fail);
     required.required = true;
-    let err = PluginHost::new(config(vec![required.clone()])).err().expect("refused");
+    let err = PluginHost::new(config(vec![required.clone()]))
+        .err()
+        .expect("refused");
     assert!(err.to_string().contains("grant"), "{err}");
 
     required.grants = vec![grant];
@@ -270,7 +310,11 @@ fn clock_import_is_refused_unless_granted() {
 #[test]
 fn unknown_import_is_refused() {
     let dir = tempfile::tempdir().unwrap();
-    let wasm = component("", "", r#"(import "wasi:http/outgoing-handler@0.2.0" (instance))"#);
+    let wasm = component(
+        "",
+        "",
+        r#"(import "wasi:http/outgoing-handler@0.2.0" (instance))"#,
+    );
     let path = write(dir.path(), "hostile.wasm", &wasm);
     let (_, report) = PluginHost::new(config(vec![hostile(&path, OnError::Fail)])).unwrap();
     let err = report.skipped[0].to_string();
@@ -281,7 +325,11 @@ fn unknown_import_is_refused() {
 fn files_that_are_not_plugins_are_reported() {
     let dir = tempfile::tempdir().unwrap();
     let text = write(dir.path(), "text.wasm", b"#!/bin/sh\necho hi\n");
-    let core = write(dir.path(), "core.wasm", &wat::parse_str("(module)").unwrap());
+    let core = write(
+        dir.path(),
+        "core.wasm",
+        &wat::parse_str("(module)").unwrap(),
+    );
     let empty = write(dir.path(), "empty.wasm", b"");
     let (host, report) = PluginHost::new(config(vec![
         plugin("text", &text, "", OnError::Fail),
@@ -293,8 +341,12 @@ fn files_that_are_not_plugins_are_reported() {
     let errors: Vec<String> = report.skipped.iter().map(ToString::to_string).collect();
     assert_eq!(errors.len(), 3, "{errors:?}");
     assert!(errors[0].starts_with("plugin 'text'") && errors[0].contains("not a WebAssembly file"));
-    assert!(errors[1].starts_with("plugin 'core'") && errors[1].contains("core WebAssembly module"));
-    assert!(errors[2].starts_with("plugin 'empty'") && errors[2].contains("not a WebAssembly file"));
+    assert!(
+        errors[1].starts_with("plugin 'core'") && errors[1].contains("core WebAssembly module")
+    );
+    assert!(
+        errors[2].starts_with("plugin 'empty'") && errors[2].contains("not a WebAssembly file")
+    );
     assert_eq!(host.chain().on_prompt("darn", &info()).unwrap(), "****");
 }
 
@@ -310,8 +362,11 @@ fn misbehaving_init_is_caught_at_load() {
     );
     let path = write(dir.path(), "spin.wasm", &wat::parse_str(&spin).unwrap());
     let started = Instant::now();
-    let (host, report) =
-        PluginHost::new(config(vec![hostile(&path, OnError::Fail), good_moderation()])).unwrap();
+    let (host, report) = PluginHost::new(config(vec![
+        hostile(&path, OnError::Fail),
+        good_moderation(),
+    ]))
+    .unwrap();
     assert!(started.elapsed() < Duration::from_secs(10));
     let err = report.skipped[0].to_string();
     assert!(err.starts_with("plugin 'hostile'"), "{err}");

@@ -63,10 +63,7 @@ impl CompileCache {
                 // wasmtime additionally checks the header (version, settings).
                 match unsafe { Component::deserialize_file(engine, &file) } {
                     Ok(component) => return Ok(component),
-                    Err(e) => log::warn!(
-                        "plugin cache: ignoring {}: {e:#}",
-                        file.display()
-                    ),
+                    Err(e) => log::warn!("plugin cache: ignoring {}: {e:#}", file.display()),
                 }
             }
         }
@@ -91,10 +88,7 @@ fn key(engine: &Engine, wasm: &[u8]) -> String {
     let mut sha = Sha256::new();
     sha.update(wasm);
     sha.update(compat.finish().to_le_bytes());
-    sha.finalize()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    sha.finalize().iter().map(|b| format!("{b:02x}")).collect()
 }
 
 fn store(file: &Path, component: &Component) -> Result<(), String> {

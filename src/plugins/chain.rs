@@ -201,7 +201,9 @@ impl ChunkFilter {
                     last = true;
                 }
                 Err(fault) => {
-                    if let Err(error) = fault_policy(&stage.plugin, Hook::OnChunk, fault, self.request) {
+                    if let Err(error) =
+                        fault_policy(&stage.plugin, Hook::OnChunk, fault, self.request)
+                    {
                         self.ended = true;
                         return Err(error);
                     }

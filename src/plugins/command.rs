@@ -113,7 +113,10 @@ pub fn run_command(cmd: PluginCommand) -> anyhow::Result<()> {
 /// Settings for a plugin given on the command line: named after the file,
 /// required, with the configuration table read from `config_file`.
 fn plugin_settings(file: &Path, config_file: Option<&Path>) -> anyhow::Result<PluginConfig> {
-    let stem = file.file_stem().and_then(|s| s.to_str()).unwrap_or_default();
+    let stem = file
+        .file_stem()
+        .and_then(|s| s.to_str())
+        .unwrap_or_default();
     let name: String = stem
         .chars()
         .map(|c| {
@@ -125,14 +128,19 @@ fn plugin_settings(file: &Path, config_file: Option<&Path>) -> anyhow::Result<Pl
         })
         .take(64)
         .collect();
-    let mut settings = PluginConfig::new(if name.is_empty() { "plugin".into() } else { name });
+    let mut settings = PluginConfig::new(if name.is_empty() {
+        "plugin".into()
+    } else {
+        name
+    });
     settings.path = Some(file.to_owned());
     settings.required = true;
     if let Some(config_file) = config_file {
         let text = std::fs::read_to_string(config_file)
             .with_context(|| format!("cannot read config file {}", config_file.display()))?;
-        settings.config = toml::from_str(&text)
-            .with_context(|| format!("config file {} is not a TOML table", config_file.display()))?;
+        settings.config = toml::from_str(&text).with_context(|| {
+            format!("config file {} is not a TOML table", config_file.display())
+        })?;
     }
     Ok(settings)
 }
@@ -192,8 +200,22 @@ fn check(file: &Path, config_file: Option<&Path>) -> anyhow::Result<()> {
 
 /// Words the simulated output is made of (one token each).
 const WORDS: [&str; 16] = [
-    "the", "model", "answers", "with", "a", "short", "and", "friendly", "sentence", "about",
-    "edge", "boards", "running", "local", "inference", "today.",
+    "the",
+    "model",
+    "answers",
+    "with",
+    "a",
+    "short",
+    "and",
+    "friendly",
+    "sentence",
+    "about",
+    "edge",
+    "boards",
+    "running",
+    "local",
+    "inference",
+    "today.",
 ];
 
 fn bench(
@@ -250,12 +272,32 @@ fn bench(
     let per = |d: Duration| d / requests as u32;
     let micros = |d: Duration| d.as_secs_f64() * 1e6;
     let mean_chunk = chunks.iter().sum::<Duration>() / chunks.len().max(1) as u32;
-    let pct = |p: f64| chunks.get(((chunks.len() as f64 - 1.0) * p) as usize).copied();
-    println!("plugin: {} ({requests} requests of {tokens} tokens, {} output bytes each)", file.display(), output.len());
-    println!("load (compile + validate): {:.1} ms", load.as_secs_f64() * 1e3);
-    println!("on-prompt per request (instantiate + init + call): {:.1} us", micros(per(prompt)));
-    println!("on-complete per request on the {tokens}-token output: {:.1} us", micros(per(complete)));
-    println!("on-chunk first call per request (instantiate + init + call): {:.1} us", micros(per(first_chunk)));
+    let pct = |p: f64| {
+        chunks
+            .get(((chunks.len() as f64 - 1.0) * p) as usize)
+            .copied()
+    };
+    println!(
+        "plugin: {} ({requests} requests of {tokens} tokens, {} output bytes each)",
+        file.display(),
+        output.len()
+    );
+    println!(
+        "load (compile + validate): {:.1} ms",
+        load.as_secs_f64() * 1e3
+    );
+    println!(
+        "on-prompt per request (instantiate + init + call): {:.1} us",
+        micros(per(prompt))
+    );
+    println!(
+        "on-complete per request on the {tokens}-token output: {:.1} us",
+        micros(per(complete))
+    );
+    println!(
+        "on-chunk first call per request (instantiate + init + call): {:.1} us",
+        micros(per(first_chunk))
+    );
     println!(
         "on-chunk per later call: mean {:.2} us, median {:.2} us, p99 {:.2} us",
         micros(mean_chunk),
@@ -263,7 +305,10 @@ fn bench(
         pct(0.99).map_or(0.0, micros)
     );
     let total = per(prompt + complete + first_chunk) + mean_chunk * tokens.saturating_sub(1) as u32;
-    println!("total plugin time per {tokens}-token request: {:.2} ms", total.as_secs_f64() * 1e3);
+    println!(
+        "total plugin time per {tokens}-token request: {:.2} ms",
+        total.as_secs_f64() * 1e3
+    );
     anyhow::ensure!(
         streamed == output.len() * requests,
         "plugin {} changed the streamed text; bench needs a pass-through plugin",

@@ -201,7 +201,11 @@ impl PluginsConfig {
             }
         };
         range("time_limit_ms", self.time_limit_ms, MAX_TIME_LIMIT_MS)?;
-        range("memory_limit_mib", self.memory_limit_mib, MAX_MEMORY_LIMIT_MIB)?;
+        range(
+            "memory_limit_mib",
+            self.memory_limit_mib,
+            MAX_MEMORY_LIMIT_MIB,
+        )?;
         range("max_output_kib", self.max_output_kib, MAX_OUTPUT_KIB)?;
         let mut names = HashSet::new();
         for plugin in &self.chain {

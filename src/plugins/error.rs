@@ -137,7 +137,9 @@ pub enum LoadProblem {
     #[error("invalid component: {0}")]
     Compile(String),
     /// The component imports a capability the configuration does not grant.
-    #[error("imports `{import}`, which needs the \"{grant}\" grant (not granted in its configuration)")]
+    #[error(
+        "imports `{import}`, which needs the \"{grant}\" grant (not granted in its configuration)"
+    )]
     NotGranted {
         /// The import name.
         import: String,

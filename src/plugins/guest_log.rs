@@ -101,6 +101,10 @@ mod tests {
             log.log(Level::Debug, "x");
         }
         let bucket = log.bucket.lock().unwrap();
-        assert!(bucket.dropped >= 100 - BURST as u64 - 2, "{}", bucket.dropped);
+        assert!(
+            bucket.dropped >= 100 - BURST as u64 - 2,
+            "{}",
+            bucket.dropped
+        );
     }
 }

@@ -66,7 +66,10 @@ impl PluginHost {
 
     /// The configuration in force.
     pub fn config(&self) -> PluginsConfig {
-        self.config.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.config
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// Loads the chain again from the plugin directory with the current

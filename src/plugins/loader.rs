@@ -161,17 +161,30 @@ impl LoadedPlugin {
             limits,
             log: Arc::new(GuestLog::new(&settings.name)),
         };
-        let mut instance = plugin
-            .instance_without_init()
-            .map_err(|fault| error(LoadProblem::Call { hook: "instantiation", fault }))?;
+        let mut instance = plugin.instance_without_init().map_err(|fault| {
+            error(LoadProblem::Call {
+                hook: "instantiation",
+                fault,
+            })
+        })?;
         let info = instance
             .call(|plugin, store| plugin.call_describe(store))
-            .map_err(|fault| error(LoadProblem::Call { hook: "describe()", fault }))?;
+            .map_err(|fault| {
+                error(LoadProblem::Call {
+                    hook: "describe()",
+                    fault,
+                })
+            })?;
         plugin.info = validate_info(info).map_err(|e| error(LoadProblem::Describe(e)))?;
         let config = plugin.config_values.clone();
         instance
             .call(|plugin, store| plugin.call_init(store, &config))
-            .map_err(|fault| error(LoadProblem::Call { hook: "init()", fault }))?
+            .map_err(|fault| {
+                error(LoadProblem::Call {
+                    hook: "init()",
+                    fault,
+                })
+            })?
             .map_err(|message| error(LoadProblem::Init(message)))?;
         Ok(plugin)
     }
@@ -417,7 +430,10 @@ mod tests {
 
         let table: toml::Table = toml::from_str("bad = [1, 2]").unwrap();
         let err = config_values(&table).unwrap_err().to_string();
-        assert!(err.contains("`bad`") && err.contains("only hold strings"), "{err}");
+        assert!(
+            err.contains("`bad`") && err.contains("only hold strings"),
+            "{err}"
+        );
         let table: toml::Table = toml::from_str("[nested]\nx = 1").unwrap();
         let err = config_values(&table).unwrap_err().to_string();
         assert!(err.contains("`nested`"), "{err}");
@@ -431,7 +447,10 @@ mod tests {
             description: String::new(),
             hooks: vec![WitHook::OnChunk, WitHook::OnChunk],
         };
-        assert_eq!(validate_info(info("ok")).unwrap().hooks, vec![Hook::OnChunk]);
+        assert_eq!(
+            validate_info(info("ok")).unwrap().hooks,
+            vec![Hook::OnChunk]
+        );
         assert!(validate_info(info("")).unwrap_err().contains("empty"));
         assert!(validate_info(info("a\nb")).unwrap_err().contains("control"));
     }

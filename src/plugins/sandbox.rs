@@ -27,7 +27,10 @@ pub(crate) fn classify(import: &str) -> ImportClass {
     let name = import.split('@').next().unwrap_or(import);
     match name {
         "mistrald:plugin/host" => ImportClass::Allowed,
-        "wasi:cli/exit" | "wasi:cli/stdin" | "wasi:cli/stdout" | "wasi:cli/stderr"
+        "wasi:cli/exit"
+        | "wasi:cli/stdin"
+        | "wasi:cli/stdout"
+        | "wasi:cli/stderr"
         | "wasi:cli/environment" => ImportClass::Allowed,
         _ if name.starts_with("wasi:cli/terminal-")
             || name.starts_with("wasi:io/")
@@ -118,8 +121,14 @@ mod tests {
     fn classifies_imports() {
         assert_eq!(classify("mistrald:plugin/host@0.1.0"), ImportClass::Allowed);
         assert_eq!(classify("wasi:io/streams@0.2.6"), ImportClass::Allowed);
-        assert_eq!(classify("wasi:cli/terminal-stdout@0.2.0"), ImportClass::Allowed);
-        assert_eq!(classify("wasi:random/insecure-seed@0.2.4"), ImportClass::Allowed);
+        assert_eq!(
+            classify("wasi:cli/terminal-stdout@0.2.0"),
+            ImportClass::Allowed
+        );
+        assert_eq!(
+            classify("wasi:random/insecure-seed@0.2.4"),
+            ImportClass::Allowed
+        );
         assert_eq!(
             classify("wasi:clocks/wall-clock@0.2.6"),
             ImportClass::Needs(Grant::Clock)
@@ -132,7 +141,10 @@ mod tests {
             classify("wasi:sockets/tcp@0.2.0"),
             ImportClass::Needs(Grant::Network)
         );
-        assert_eq!(classify("wasi:http/outgoing-handler@0.2.0"), ImportClass::Unknown);
+        assert_eq!(
+            classify("wasi:http/outgoing-handler@0.2.0"),
+            ImportClass::Unknown
+        );
         assert_eq!(classify("env"), ImportClass::Unknown);
     }
 
@@ -141,7 +153,10 @@ mod tests {
         let imports = ["wasi:io/streams@0.2.6", "wasi:sockets/tcp@0.2.6"];
         let mut config = PluginConfig::new("p");
         let err = check_imports(imports, &config).unwrap_err().to_string();
-        assert!(err.contains("wasi:sockets/tcp@0.2.6") && err.contains("\"network\""), "{err}");
+        assert!(
+            err.contains("wasi:sockets/tcp@0.2.6") && err.contains("\"network\""),
+            "{err}"
+        );
         config.grants.push(Grant::Network);
         check_imports(imports, &config).unwrap();
         assert_eq!(needed_grants(imports), vec![Grant::Network]);

@@ -12,6 +12,9 @@
 //! `?`, `:` or `;` followed by a space, or the last line break), so markdown
 //! markers are seen whole and `max_length` stops the stream at a sentence end.
 
+// The export glue wit-bindgen generates takes the flattened arguments.
+#![allow(clippy::too_many_arguments)]
+
 wit_bindgen::generate!({
     path: "../wit",
     world: "plugin",
@@ -280,22 +283,24 @@ fn trim_to(text: &str, max: usize) -> String {
         .is_none_or(char::is_whitespace);
     let sentence_end = cut
         .char_indices()
-        .filter(|&(i, c)| {
+        .rev()
+        .find(|&(i, c)| {
             matches!(c, '.' | '!' | '?')
                 && text[i + c.len_utf8()..]
                     .chars()
                     .next()
                     .is_none_or(char::is_whitespace)
         })
-        .map(|(i, c)| i + c.len_utf8())
-        .last();
+        .map(|(i, c)| i + c.len_utf8());
     match sentence_end {
         Some(end) => cut[..end].to_owned(),
         None => {
             let end = if word_complete {
                 word_cut.len()
             } else {
-                word_cut.rfind(char::is_whitespace).unwrap_or(word_cut.len())
+                word_cut
+                    .rfind(char::is_whitespace)
+                    .unwrap_or(word_cut.len())
             };
             let mut short = word_cut[..end].trim_end().to_owned();
             short.push('…');
@@ -352,7 +357,11 @@ impl Guest for Format {
         STREAM.with(|stream| {
             let mut stream = stream.borrow_mut();
             let formatter = stream.get_or_insert_with(|| Formatter::new(settings()));
-            let split = if last { text.len() } else { release_point(&text) };
+            let split = if last {
+                text.len()
+            } else {
+                release_point(&text)
+            };
             let (head, tail) = text.split_at(split);
             let before = formatter.released;
             let out = formatter.format(head);
@@ -360,7 +369,11 @@ impl Guest for Format {
             if max > 0 && formatter.released > max {
                 // This sentence goes past the limit: end the stream before it,
                 // or (if it is the first) with as much of it as fits.
-                let release = if before == 0 { trim_to(&out, max) } else { String::new() };
+                let release = if before == 0 {
+                    trim_to(&out, max)
+                } else {
+                    String::new()
+                };
                 return ChunkAction::Stop(release);
             }
             ChunkAction::Hold(Held {

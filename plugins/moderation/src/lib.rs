@@ -13,6 +13,9 @@
 //! the plugin holds back the trailing partial word, and any tail that could be
 //! the start of a blocked phrase, until the next chunk shows how it goes on.
 
+// The export glue wit-bindgen generates takes the flattened arguments.
+#![allow(clippy::too_many_arguments)]
+
 wit_bindgen::generate!({
     path: "../wit",
     world: "plugin",
@@ -44,7 +47,11 @@ thread_local! {
 }
 
 fn with_settings<R>(f: impl FnOnce(&Settings) -> R) -> R {
-    SETTINGS.with(|s| f(s.borrow().as_ref().expect("init() is called before any hook")))
+    SETTINGS.with(|s| {
+        f(s.borrow()
+            .as_ref()
+            .expect("init() is called before any hook"))
+    })
 }
 
 fn parse(config: Vec<(String, ConfigValue)>) -> Result<Settings, String> {
@@ -74,8 +81,16 @@ fn parse(config: Vec<(String, ConfigValue)>) -> Result<Settings, String> {
             alternatives.push(format!("(?:{re})"));
         } else {
             let word = |c: Option<char>| c.is_some_and(|c| c.is_alphanumeric() || c == '_');
-            let start = if word(entry.chars().next()) { r"\b" } else { "" };
-            let end = if word(entry.chars().last()) { r"\b" } else { "" };
+            let start = if word(entry.chars().next()) {
+                r"\b"
+            } else {
+                ""
+            };
+            let end = if word(entry.chars().last()) {
+                r"\b"
+            } else {
+                ""
+            };
             alternatives.push(format!("(?i:{start}{}{end})", regex::escape(entry)));
             phrases.push(entry.to_lowercase());
         }
@@ -134,9 +149,17 @@ impl Settings {
             .map_or(text.len(), |(i, _)| i);
         let longest = self.phrases.iter().map(String::len).max().unwrap_or(0);
         let window = longest.min(MAX_HOLD);
-        for (i, _) in text.char_indices().rev().take_while(|&(i, _)| text.len() - i < window) {
+        for (i, _) in text
+            .char_indices()
+            .rev()
+            .take_while(|&(i, _)| text.len() - i < window)
+        {
             let tail = text[i..].to_lowercase();
-            if self.phrases.iter().any(|p| p.len() > tail.len() && p.starts_with(&tail)) {
+            if self
+                .phrases
+                .iter()
+                .any(|p| p.len() > tail.len() && p.starts_with(&tail))
+            {
                 from = from.min(i);
             }
         }

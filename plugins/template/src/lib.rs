@@ -5,6 +5,9 @@
 //! check: `mistrald plugin check target/wasm32-wasip2/release/<name>.wasm`.
 
 // Generates the Rust types and the `Guest` trait from the WIT world.
+// The export glue wit-bindgen generates takes the flattened arguments.
+#![allow(clippy::too_many_arguments)]
+
 wit_bindgen::generate!({
     path: "../wit",
     world: "plugin",
@@ -42,7 +45,10 @@ impl Guest for Template {
     /// Before generation: return the prompt (rewritten if you like), or
     /// `Err(Rejection { .. })` to refuse the request.
     fn on_prompt(prompt: String, info: RequestInfo) -> Result<String, Rejection> {
-        log(Level::Debug, &format!("request {} prompt: {} bytes", info.id, prompt.len()));
+        log(
+            Level::Debug,
+            &format!("request {} prompt: {} bytes", info.id, prompt.len()),
+        );
         Ok(prompt)
     }
 
