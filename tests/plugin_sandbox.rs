@@ -41,7 +41,7 @@ fn wat_source(prompt_body: &str, funcs: &str, imports: &str) -> String {
         le(256),
         le(0),
         le(336),
-        le(2)
+        le(3)
     );
     let pass = "(i32.store8 (i32.const 160) (i32.const 0)) \
                 (i32.store (i32.const 164) (local.get 0)) \
@@ -70,7 +70,7 @@ fn wat_source(prompt_body: &str, funcs: &str, imports: &str) -> String {
     (data (i32.const 64) "{describe}")
     (data (i32.const 256) "{name}")
     (data (i32.const 320) "{version}")
-    (data (i32.const 336) "\00\02")
+    (data (i32.const 336) "\00\01\02")
     (data (i32.const 512) "\ff\fe\fd")
     (func (export "describe") (result i32) (i32.const 64))
     (func (export "init") (param i32 i32) (result i32) (i32.const 128))
@@ -372,4 +372,42 @@ fn misbehaving_init_is_caught_at_load() {
     assert!(err.starts_with("plugin 'hostile'"), "{err}");
     assert!(err.contains("init() failed at load: timed out"), "{err}");
     assert_eq!(host.chain().on_prompt("darn", &info()).unwrap(), "****");
+}
+
+#[test]
+fn fault_in_a_stream_fails_or_skips_only_that_stream() {
+    let pass = "(func (export \"on-chunk\") (param i32 i32 i32) (result i32)\n      \
+                (i32.store8 (i32.const 192) (i32.const 0)) (i32.const 192))";
+    let wat = wat_source("", "", "");
+    assert!(wat.contains(pass));
+    // Passes the first chunk, traps on the second.
+    let trap_second = wat.replace(
+        pass,
+        "(global $calls (mut i32) (i32.const 0)) \
+         (func (export \"on-chunk\") (param i32 i32 i32) (result i32) \
+           (global.set $calls (i32.add (global.get $calls) (i32.const 1))) \
+           (if (i32.gt_u (global.get $calls) (i32.const 1)) (then unreachable)) \
+           (i32.store8 (i32.const 192) (i32.const 0)) (i32.const 192))",
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(dir.path(), "hostile.wasm", &wat::parse_str(&trap_second).unwrap());
+    let (host, _) =
+        PluginHost::new(config(vec![hostile(&path, OnError::Fail), good_moderation()])).unwrap();
+    let mut filter = host.chain().chunk_filter(&info());
+    assert_eq!(filter.push("well ").unwrap().text, "well ");
+    let err = filter.push("darn").unwrap_err().to_string();
+    assert!(err.starts_with("plugin 'hostile' failed in on-chunk: trapped"), "{err}");
+    assert!(filter.push("more").unwrap().stop, "the failed stream is over");
+    // A new stream gets a fresh instance.
+    let mut filter = host.chain().chunk_filter(&info());
+    assert_eq!(filter.push("fine ").unwrap().text, "fine ");
+
+    host.reload_with(config(vec![hostile(&path, OnError::Skip), good_moderation()]))
+        .unwrap();
+    let mut filter = host.chain().chunk_filter(&info());
+    let mut out = filter.push("well ").unwrap().text;
+    out += &filter.push("darn").unwrap().text;
+    out += &filter.push(" it").unwrap().text;
+    out += &filter.finish().unwrap();
+    assert_eq!(out, "well **** it");
 }
