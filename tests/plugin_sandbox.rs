@@ -390,20 +390,36 @@ fn fault_in_a_stream_fails_or_skips_only_that_stream() {
            (i32.store8 (i32.const 192) (i32.const 0)) (i32.const 192))",
     );
     let dir = tempfile::tempdir().unwrap();
-    let path = write(dir.path(), "hostile.wasm", &wat::parse_str(&trap_second).unwrap());
-    let (host, _) =
-        PluginHost::new(config(vec![hostile(&path, OnError::Fail), good_moderation()])).unwrap();
+    let path = write(
+        dir.path(),
+        "hostile.wasm",
+        &wat::parse_str(&trap_second).unwrap(),
+    );
+    let (host, _) = PluginHost::new(config(vec![
+        hostile(&path, OnError::Fail),
+        good_moderation(),
+    ]))
+    .unwrap();
     let mut filter = host.chain().chunk_filter(&info());
     assert_eq!(filter.push("well ").unwrap().text, "well ");
     let err = filter.push("darn").unwrap_err().to_string();
-    assert!(err.starts_with("plugin 'hostile' failed in on-chunk: trapped"), "{err}");
-    assert!(filter.push("more").unwrap().stop, "the failed stream is over");
+    assert!(
+        err.starts_with("plugin 'hostile' failed in on-chunk: trapped"),
+        "{err}"
+    );
+    assert!(
+        filter.push("more").unwrap().stop,
+        "the failed stream is over"
+    );
     // A new stream gets a fresh instance.
     let mut filter = host.chain().chunk_filter(&info());
     assert_eq!(filter.push("fine ").unwrap().text, "fine ");
 
-    host.reload_with(config(vec![hostile(&path, OnError::Skip), good_moderation()]))
-        .unwrap();
+    host.reload_with(config(vec![
+        hostile(&path, OnError::Skip),
+        good_moderation(),
+    ]))
+    .unwrap();
     let mut filter = host.chain().chunk_filter(&info());
     let mut out = filter.push("well ").unwrap().text;
     out += &filter.push("darn").unwrap().text;

@@ -262,7 +262,13 @@ fn reload_picks_up_new_configuration_and_files() {
     // Compiled code went to the cache; a new host loads it from there.
     let cached = std::fs::read_dir(common::cache_dir())
         .unwrap()
-        .filter(|e| e.as_ref().unwrap().path().extension().is_some_and(|x| x == "cwasm"))
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .path()
+                .extension()
+                .is_some_and(|x| x == "cwasm")
+        })
         .count();
     assert!(cached >= 2, "{cached} cached components");
 

@@ -230,3 +230,37 @@ impl Stage {
         instance.on_chunk(input, last)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn send_sync<T: Send + Sync>() {}
+    fn send<T: Send>() {}
+
+    #[test]
+    fn usable_across_threads() {
+        send_sync::<super::super::PluginHost>();
+        send_sync::<PluginChain>();
+        send::<ChunkFilter>();
+    }
+
+    #[test]
+    fn empty_chain_passes_everything() {
+        let chain = PluginChain::empty();
+        let info = RequestInfo::default();
+        assert!(chain.is_empty());
+        assert_eq!(chain.on_prompt("hi", &info).unwrap(), "hi");
+        assert_eq!(chain.on_complete("out", &info).unwrap(), "out");
+        let mut filter = chain.chunk_filter(&info);
+        assert_eq!(
+            filter.push("a").unwrap(),
+            ChunkOutput {
+                text: "a".into(),
+                stop: false
+            }
+        );
+        assert_eq!(filter.finish().unwrap(), "");
+        assert!(filter.push("b").unwrap().stop);
+    }
+}
