@@ -41,6 +41,12 @@ enum Command {
     /// Microbenchmark of decode attention (Mistral 7B shapes): every native kernel path
     /// against scalar and against ggml's flash_attn_ext.
     BenchAttention(BenchAttentionArgs),
+    /// Check, try or benchmark a WASM plugin.
+    #[cfg(feature = "plugins")]
+    Plugin {
+        #[command(subcommand)]
+        cmd: crate::plugins::command::PluginCommand,
+    },
 }
 
 #[derive(Args, Debug)]
@@ -274,6 +280,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Info(a) => cmd_info(a),
         Command::MakeModel(a) => cmd_make_model(a),
         Command::BenchAttention(a) => cmd_bench_attention(a),
+        #[cfg(feature = "plugins")]
+        Command::Plugin { cmd } => crate::plugins::command::run_command(cmd),
     }
 }
 

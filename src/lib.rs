@@ -10,5 +10,7 @@ pub mod ggml;
 pub mod kernels;
 pub mod kv_cache;
 pub mod model;
+#[cfg(feature = "plugins")]
+pub mod plugins;
 pub mod sampler;
 pub mod tokenizer;
