@@ -71,7 +71,7 @@ impl BackendBuffer {
     /// # Safety
     /// The memory must stay valid and unchanged for the buffer's life; ggml only reads it.
     pub unsafe fn from_host_memory(ptr: *const u8, len: usize) -> anyhow::Result<BackendBuffer> {
-        anyhow::ensure!(ptr as usize % 32 == 0, "tensor data is not 32-byte aligned");
+        anyhow::ensure!((ptr as usize).is_multiple_of(32), "tensor data is not 32-byte aligned");
         let buf = sys::ggml_backend_cpu_buffer_from_ptr(ptr as *mut _, len);
         let ptr = NonNull::new(buf).ok_or_else(|| anyhow::anyhow!("failed to wrap host memory"))?;
         Ok(BackendBuffer { ptr })

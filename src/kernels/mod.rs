@@ -493,7 +493,7 @@ impl AttnParams {
                 ));
             }
             let al = self.kv_type.align();
-            if (buf.as_ptr() as usize) % al != 0 {
+            if !(buf.as_ptr() as usize).is_multiple_of(al) {
                 return bad(format!(
                     "{name} is not {al}-byte aligned as {} rows need",
                     self.kv_type.name()
@@ -525,12 +525,12 @@ impl AttnParams {
     pub fn validate_layout(&self) -> Result<usize, KernelError> {
         let bad = |msg: String| Err(KernelError::Invalid(msg));
         let d = self.head_dim;
-        if d == 0 || d % 32 != 0 || d > MAX_HEAD_DIM {
+        if d == 0 || !d.is_multiple_of(32) || d > MAX_HEAD_DIM {
             return bad(format!(
                 "head_dim {d} must be a positive multiple of 32, at most {MAX_HEAD_DIM}"
             ));
         }
-        if self.n_head == 0 || self.n_head_kv == 0 || self.n_head % self.n_head_kv != 0 {
+        if self.n_head == 0 || self.n_head_kv == 0 || !self.n_head.is_multiple_of(self.n_head_kv) {
             return bad(format!(
                 "n_head {} must be a positive multiple of n_head_kv {}",
                 self.n_head, self.n_head_kv
@@ -600,7 +600,7 @@ impl AttnParams {
             .and_then(|b| b.checked_add(row))
             .ok_or_else(|| KernelError::Invalid("cache size overflows".into()))?;
         let al = self.kv_type.align();
-        if self.slot_bytes % al != 0 || self.head_bytes % al != 0 {
+        if !self.slot_bytes.is_multiple_of(al) || !self.head_bytes.is_multiple_of(al) {
             return bad(format!(
                 "slot_bytes and head_bytes must be multiples of {al} for {} rows",
                 self.kv_type.name()

@@ -43,7 +43,7 @@ impl AttentionImpl {
 
     /// Whether the native kernel supports a model with heads of `head_dim`.
     pub fn native_supports(head_dim: usize) -> bool {
-        head_dim % 32 == 0 && head_dim <= kernels::MAX_HEAD_DIM
+        head_dim.is_multiple_of(32) && head_dim <= kernels::MAX_HEAD_DIM
     }
 }
 

@@ -187,11 +187,11 @@ fn vocab_size() -> usize {
 /// Writes a synthetic model to `path`.
 pub fn write_synthetic_model(path: &Path, spec: &SyntheticSpec) -> anyhow::Result<()> {
     anyhow::ensure!(
-        spec.n_embd % spec.n_head == 0,
+        spec.n_embd.is_multiple_of(spec.n_head),
         "n_embd must be a multiple of n_head"
     );
     anyhow::ensure!(
-        spec.n_head % spec.n_head_kv == 0,
+        spec.n_head.is_multiple_of(spec.n_head_kv),
         "n_head must be a multiple of n_head_kv"
     );
     write_model(path, spec, &synthetic_tensors(spec))
