@@ -4,9 +4,11 @@ use super::context::{Context, Graph, Tensor};
 use super::sys;
 use std::ptr::NonNull;
 
-/// ggml's CPU backend: computes graphs with a fixed number of worker threads.
+/// ggml's CPU backend: computes graphs with a fixed number of worker threads, kept in a
+/// persistent thread pool (no thread start-up per graph).
 pub struct CpuBackend {
     ptr: NonNull<sys::ggml_backend>,
+    pool: Option<NonNull<sys::ggml_threadpool>>,
     n_threads: usize,
 }
 
@@ -17,14 +19,26 @@ impl CpuBackend {
     /// Creates the backend with `n_threads` compute threads (at least 1).
     pub fn new(n_threads: usize) -> anyhow::Result<CpuBackend> {
         super::init_logging();
+        let n_threads = n_threads.clamp(1, 512);
         let ptr = NonNull::new(unsafe { sys::ggml_backend_cpu_init() })
             .ok_or_else(|| anyhow::anyhow!("failed to initialize the ggml CPU backend"))?;
-        let backend = CpuBackend {
-            ptr,
-            n_threads: n_threads.max(1),
+        let pool = if n_threads > 1 {
+            let mut params = unsafe { sys::ggml_threadpool_params_default(n_threads as i32) };
+            NonNull::new(unsafe { sys::ggml_threadpool_new(&mut params) })
+        } else {
+            None
         };
-        unsafe { sys::ggml_backend_cpu_set_n_threads(ptr.as_ptr(), backend.n_threads as i32) };
-        Ok(backend)
+        unsafe {
+            sys::ggml_backend_cpu_set_n_threads(ptr.as_ptr(), n_threads as i32);
+            if let Some(pool) = pool {
+                sys::ggml_backend_cpu_set_threadpool(ptr.as_ptr(), pool.as_ptr());
+            }
+        }
+        Ok(CpuBackend {
+            ptr,
+            pool,
+            n_threads,
+        })
     }
 
     /// Number of compute threads.
@@ -53,7 +67,12 @@ impl CpuBackend {
 
 impl Drop for CpuBackend {
     fn drop(&mut self) {
-        unsafe { sys::ggml_backend_free(self.ptr.as_ptr()) }
+        unsafe {
+            sys::ggml_backend_free(self.ptr.as_ptr());
+            if let Some(pool) = self.pool {
+                sys::ggml_threadpool_free(pool.as_ptr());
+            }
+        }
     }
 }
 
@@ -71,7 +90,10 @@ impl BackendBuffer {
     /// # Safety
     /// The memory must stay valid and unchanged for the buffer's life; ggml only reads it.
     pub unsafe fn from_host_memory(ptr: *const u8, len: usize) -> anyhow::Result<BackendBuffer> {
-        anyhow::ensure!((ptr as usize).is_multiple_of(32), "tensor data is not 32-byte aligned");
+        anyhow::ensure!(
+            (ptr as usize).is_multiple_of(32),
+            "tensor data is not 32-byte aligned"
+        );
         let buf = sys::ggml_backend_cpu_buffer_from_ptr(ptr as *mut _, len);
         let ptr = NonNull::new(buf).ok_or_else(|| anyhow::anyhow!("failed to wrap host memory"))?;
         Ok(BackendBuffer { ptr })

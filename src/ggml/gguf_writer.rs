@@ -167,7 +167,10 @@ impl Drop for GgufWriter {
 /// Quantizes `n_rows` rows of `row_len` f32 values into `ty` with ggml's quantizers
 /// (or converts to F16/F32).
 pub fn quantize(ty: GgmlType, src: &[f32], row_len: usize) -> anyhow::Result<Vec<u8>> {
-    if row_len == 0 || !src.len().is_multiple_of(row_len) || !row_len.is_multiple_of(ty.block_size()) {
+    if row_len == 0
+        || !src.len().is_multiple_of(row_len)
+        || !row_len.is_multiple_of(ty.block_size())
+    {
         bail!(
             "quantize: {} values do not form rows of {row_len} for {ty}",
             src.len()
