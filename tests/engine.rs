@@ -79,6 +79,11 @@ fn quantized_weights_agree_on_argmax() {
         (GgmlType::Q8_0, KvType::Q8_0),
         (GgmlType::Q4K, KvType::F16),
         (GgmlType::F16, KvType::F16),
+        (GgmlType::Q4_1, KvType::F16),
+        (GgmlType::Q5_0, KvType::F16),
+        (GgmlType::Q5_1, KvType::F16),
+        (GgmlType::Q5K, KvType::F16),
+        (GgmlType::Q6K, KvType::F16),
     ] {
         let (_, agree) = compare_to_reference(ty, kv, Some(8), 40, 7);
         assert!(agree >= 0.95, "{ty}/{kv:?}: argmax agreement {agree}");
