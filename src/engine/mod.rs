@@ -162,12 +162,12 @@ impl Engine {
             );
         }
         let attention = match cfg.attention {
-            AttentionChoice::Native if AttentionImpl::native_supports(hp.head_dim) => {
+            AttentionChoice::Native if AttentionImpl::native_supports(hp, &kv_shape) => {
                 AttentionImpl::Native(Kernel::selected()?)
             }
             AttentionChoice::Native => {
                 log::warn!(
-                    "head dimension {} is not supported by the native attention kernel; using ggml's",
+                    "the native attention kernel does not support this model's heads (dimension {}); using ggml's",
                     hp.head_dim
                 );
                 AttentionImpl::Ggml

@@ -1,39 +1,9 @@
 //! The native attention kernel as a node of the ggml graph (a custom operation), so it runs
 //! inside the same graph computation as the rest of the forward pass, on ggml's threads.
 
-use super::{scratch_bytes, Kernel, KvType, RawAttnParams};
+use super::{scratch_bytes, AttnParams, Kernel, KernelError, RawAttnParams};
 use crate::ggml::{CustomOp, OpTensor};
 use std::alloc::{alloc_zeroed, dealloc, Layout};
-
-/// The fixed part of one attention call: everything except the data pointers, which the graph
-/// only knows when it runs.
-#[derive(Clone, Copy, Debug)]
-pub struct AttentionShape {
-    /// Width of one head.
-    pub head_dim: usize,
-    /// Query heads.
-    pub n_head: usize,
-    /// Key/value heads.
-    pub n_head_kv: usize,
-    /// Attention window (0: full causal attention).
-    pub window: usize,
-    /// Cache element type.
-    pub kv_type: KvType,
-    /// Ring size of the cache.
-    pub n_slots: usize,
-    /// Bytes between consecutive slots of the cache.
-    pub slot_bytes: usize,
-    /// Bytes between KV heads within a slot.
-    pub head_bytes: usize,
-    /// Position of the first query.
-    pub pos0: u64,
-    /// Cached history positions `[pos0 - n_hist, pos0)` (all in the ring).
-    pub n_hist: usize,
-    /// Query positions.
-    pub n_q: usize,
-    /// Score scale, usually `1/sqrt(head_dim)`.
-    pub scale: f32,
-}
 
 /// A ggml custom operation computing attention with the native kernel. Its arguments, in
 /// order: `q` `[head_dim, n_head, n_q]`, `k_new` and `v_new` `[head_dim*n_head_kv, n_q]` (f32,
@@ -52,30 +22,19 @@ unsafe impl Send for AttentionOp {}
 unsafe impl Sync for AttentionOp {}
 
 impl AttentionOp {
-    /// Prepares a call of `kernel` for `shape` computed by `n_threads` threads.
-    pub fn new(kernel: Kernel, shape: &AttentionShape, n_threads: usize) -> AttentionOp {
-        let mut params = RawAttnParams {
-            head_dim: shape.head_dim as i32,
-            n_head: shape.n_head as i32,
-            n_head_kv: shape.n_head_kv as i32,
-            window: shape.window.min(i32::MAX as usize) as i32,
-            kv_type: kv_type_raw(shape.kv_type),
-            n_slots: shape.n_slots as i32,
-            k_cache: std::ptr::null(),
-            v_cache: std::ptr::null(),
-            slot_bytes: shape.slot_bytes,
-            head_bytes: shape.head_bytes,
-            pos0: shape.pos0 as i64,
-            n_hist: shape.n_hist as i64,
-            n_q: shape.n_q as i32,
-            q: std::ptr::null(),
-            k_new: std::ptr::null(),
-            v_new: std::ptr::null(),
-            scale: shape.scale,
-            out: std::ptr::null_mut(),
-            scratch: std::ptr::null_mut(),
-            scratch_bytes: 0,
-        };
+    /// Prepares a call of `kernel` for `params` (data pointers are filled in when the graph
+    /// runs), computed by `n_threads` threads. Fails if the shapes break the kernel's contract.
+    pub fn new(
+        kernel: Kernel,
+        params: &AttnParams,
+        n_threads: usize,
+    ) -> Result<AttentionOp, KernelError> {
+        params.validate_layout()?;
+        let (nf, nv) = (
+            std::ptr::null::<f32>(),
+            std::ptr::null::<std::ffi::c_void>(),
+        );
+        let mut params = params.to_raw_ptrs(nf, nf, nf, nv, nv, std::ptr::null_mut());
         let bytes = scratch_bytes(&params, n_threads);
         let mut op = AttentionOp {
             kernel,
@@ -96,15 +55,7 @@ impl AttentionOp {
                 }
             }
         }
-        op
-    }
-}
-
-fn kv_type_raw(t: KvType) -> i32 {
-    match t {
-        KvType::F32 => 0,
-        KvType::F16 => 1,
-        KvType::Q8_0 => 8,
+        Ok(op)
     }
 }
 

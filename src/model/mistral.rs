@@ -18,9 +18,9 @@
 
 use super::{HParams, Weights};
 use crate::ggml::{Context, GgmlType, Graph, OpHandle, Tensor};
-use crate::kernels::ggml_op::{AttentionOp, AttentionShape};
-use crate::kernels::{self, Kernel};
-use crate::kv_cache::{AttnPlan, AttnSource, KvCache, KvType};
+use crate::kernels::ggml_op::AttentionOp;
+use crate::kernels::{self, AttnParams, Kernel};
+use crate::kv_cache::{AttnPlan, AttnSource, KvCache, KvShape, KvType};
 
 /// How attention is computed.
 #[derive(Clone, Copy, Debug)]
@@ -41,9 +41,9 @@ impl AttentionImpl {
         }
     }
 
-    /// Whether the native kernel supports a model with heads of `head_dim`.
-    pub fn native_supports(head_dim: usize) -> bool {
-        head_dim.is_multiple_of(32) && head_dim <= kernels::MAX_HEAD_DIM
+    /// Whether the native kernel supports attention of `hp`'s shape over a cache of `shape`.
+    pub fn native_supports(hp: &HParams, shape: &KvShape) -> bool {
+        kernel_params(hp, shape, 0, 1).validate_layout().is_ok()
     }
 }
 
@@ -339,8 +339,26 @@ fn native_attention<'g>(
     let k_rows = ctx.view(k, &[row_elems, n_new], &[k.nb()[2]], first * k.nb()[2]);
     let v_rows = ctx.view(v, &[row_elems, n_new], &[v.nb()[2]], first * v.nb()[2]);
     let (cache_k, cache_v) = (seq.cache.keys(l), seq.cache.values(l));
-    let shape = seq.cache.shape();
-    let attn_shape = AttentionShape {
+    let params = kernel_params(hp, seq.cache.shape(), plan.pos0, plan.n_new);
+    // The engine checked this shape (`native_supports`) when it was created.
+    let op = AttentionOp::new(kernel, &params, n_threads)
+        .expect("attention shape accepted by the kernel");
+    let (out, handle) = ctx.custom_op(
+        [hd * n_head, n_new, 1, 1],
+        &[q_s, k_rows, v_rows, cache_k, cache_v],
+        Box::new(op),
+    );
+    ops.push(handle);
+    graph.expand(out);
+    // Expanded after the attention, so the writes run after the reads.
+    graph.expand(ctx.set_rows(cache_k, k_rows, write_slots));
+    graph.expand(ctx.set_rows(cache_v, v_rows, write_slots));
+    out
+}
+
+/// The native kernel's description of one attention call over a cache of `shape`.
+pub fn kernel_params(hp: &HParams, shape: &KvShape, pos0: u64, n_q: usize) -> AttnParams {
+    AttnParams {
         head_dim: hp.head_dim,
         n_head: hp.n_head,
         n_head_kv: hp.n_head_kv,
@@ -353,23 +371,11 @@ fn native_attention<'g>(
         n_slots: shape.n_slots,
         slot_bytes: shape.row_bytes(),
         head_bytes: shape.head_bytes(),
-        pos0: plan.pos0,
-        n_hist: plan.pos0.min(shape.n_slots as u64) as usize,
-        n_q: plan.n_new,
+        pos0,
+        n_hist: pos0.min(shape.n_slots as u64) as usize,
+        n_q,
         scale: 1.0 / (hp.head_dim as f32).sqrt(),
-    };
-    let op = AttentionOp::new(kernel, &attn_shape, n_threads);
-    let (out, handle) = ctx.custom_op(
-        [hd * n_head, n_new, 1, 1],
-        &[q_s, k_rows, v_rows, cache_k, cache_v],
-        Box::new(op),
-    );
-    ops.push(handle);
-    graph.expand(out);
-    // Expanded after the attention, so the writes run after the reads.
-    graph.expand(ctx.set_rows(cache_k, k_rows, write_slots));
-    graph.expand(ctx.set_rows(cache_v, v_rows, write_slots));
-    out
+    }
 }
 
 /// Fills the masks and index inputs of a step from the plans.
