@@ -259,7 +259,6 @@ fn attention_for_sequence<'g>(
     let (hd, n_head, n_head_kv) = (hp.head_dim as i64, hp.n_head as i64, hp.n_head_kv as i64);
     let plan = seq.plan;
     let n_new = plan.n_new as i64;
-    let row_elems = hd * n_head_kv;
     let first = seq.first_token;
     let scale = 1.0 / (hp.head_dim as f32).sqrt();
 
@@ -270,8 +269,8 @@ fn attention_for_sequence<'g>(
         &[q.nb()[1], q.nb()[2]],
         first * q.nb()[2],
     );
-    let k_rows = ctx.view(k, &[row_elems, n_new], &[k.nb()[2]], first * k.nb()[2]);
-    let v_rows = ctx.view(v, &[row_elems, n_new], &[v.nb()[2]], first * v.nb()[2]);
+    let k_rows = token_rows(ctx, k, first, n_new);
+    let v_rows = token_rows(ctx, v, first, n_new);
     let q_s = ctx.permute(q_s, [0, 2, 1, 3]); // [hd, n_new, n_head]
 
     let (cache_k, cache_v) = (seq.cache.keys(l), seq.cache.values(l));
@@ -330,14 +329,13 @@ fn native_attention<'g>(
     kernel: Kernel,
     n_threads: usize,
 ) -> Tensor<'g> {
-    let (hd, n_head, n_head_kv) = (hp.head_dim as i64, hp.n_head as i64, hp.n_head_kv as i64);
+    let (hd, n_head) = (hp.head_dim as i64, hp.n_head as i64);
     let plan = seq.plan;
     let n_new = plan.n_new as i64;
-    let row_elems = hd * n_head_kv;
     let first = seq.first_token;
-    let q_s = ctx.view(q, &[hd * n_head, n_new], &[q.nb()[2]], first * q.nb()[2]);
-    let k_rows = ctx.view(k, &[row_elems, n_new], &[k.nb()[2]], first * k.nb()[2]);
-    let v_rows = ctx.view(v, &[row_elems, n_new], &[v.nb()[2]], first * v.nb()[2]);
+    let q_s = token_rows(ctx, q, first, n_new);
+    let k_rows = token_rows(ctx, k, first, n_new);
+    let v_rows = token_rows(ctx, v, first, n_new);
     let (cache_k, cache_v) = (seq.cache.keys(l), seq.cache.values(l));
     let params = kernel_params(hp, seq.cache.shape(), plan.pos0, plan.n_new);
     // The engine checked this shape (`native_supports`) when it was created.
@@ -354,6 +352,14 @@ fn native_attention<'g>(
     graph.expand(ctx.set_rows(cache_k, k_rows, write_slots));
     graph.expand(ctx.set_rows(cache_v, v_rows, write_slots));
     out
+}
+
+/// Tokens `first..first + n` of a `[a, b, n_tokens]` tensor, as a `[a*b, n]` matrix (one row
+/// per token; contiguous because the token dimension is the outermost).
+fn token_rows<'g>(ctx: &'g Context, t: Tensor<'_>, first: usize, n: i64) -> Tensor<'g> {
+    let ne = t.ne();
+    let stride = t.nb()[2];
+    ctx.view(t, &[ne[0] * ne[1], n], &[stride], first * stride)
 }
 
 /// The native kernel's description of one attention call over a cache of `shape`.
