@@ -63,6 +63,11 @@ struct BenchAttentionArgs {
     /// Minimum measuring time per configuration, in milliseconds.
     #[arg(long, default_value_t = 300)]
     min_ms: u64,
+    /// Separate caches that successive calls cycle through, one per model layer as in a decode
+    /// step (32 = Mistral 7B: the data comes from main memory); 1 = the same cache every call
+    /// (warm in the CPU's caches when it fits).
+    #[arg(long, default_value_t = 32)]
+    layers: usize,
 }
 
 /// Options shared by every command that runs the model.
@@ -602,6 +607,7 @@ fn cmd_bench_attention(a: BenchAttentionArgs) -> anyhow::Result<()> {
         layouts: vec![CacheLayout::SlotMajor],
         paths: Vec::new(),
         min_time,
+        layers: a.layers,
     };
     let rows = bench_attention(&opts)?;
     println!("{}", format_table(&rows));
@@ -610,7 +616,7 @@ fn cmd_bench_attention(a: BenchAttentionArgs) -> anyhow::Result<()> {
     for &kv in &kv_types {
         for &h in &a.history {
             for &t in &a.threads {
-                let ggml = ggml_flash_attn_micros(h, kv, t, min_time)?;
+                let ggml = ggml_flash_attn_micros(h, kv, t, min_time, a.layers)?;
                 let best = rows
                     .iter()
                     .filter(|r| r.kv_type == kv && r.n_hist == h && r.threads == t)

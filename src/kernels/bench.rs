@@ -43,6 +43,10 @@ pub struct BenchOptions {
     pub paths: Vec<KernelPath>,
     /// Minimum time measured per configuration.
     pub min_time: Duration,
+    /// Separate caches (one per model layer) that successive calls cycle through, as decoding
+    /// does: with Mistral 7B's 32 layers the data comes from main memory, not from the CPU's
+    /// caches; with 1 every call reads the same (cache-warm) data.
+    pub layers: usize,
 }
 
 impl Default for BenchOptions {
@@ -54,6 +58,7 @@ impl Default for BenchOptions {
             layouts: vec![CacheLayout::SlotMajor, CacheLayout::HeadMajor],
             paths: Vec::new(),
             min_time: Duration::from_millis(300),
+            layers: 32,
         }
     }
 }
@@ -106,10 +111,13 @@ pub fn bench_attention(opts: &BenchOptions) -> Result<Vec<BenchRow>, KernelError
             let pos0 = (n_hist + n_slots / 3) as u64;
             let p = AttnParams::dense(HEAD_DIM, N_HEAD, N_HEAD_KV, 0, ty, n_slots, pos0, n_hist, 1);
             let bytes = p.cache_bytes();
+            let layers = opts.layers.max(1);
+            // Each layer's cache starts on a 64-byte boundary (u32 elements).
+            let layer_words = bytes.div_ceil(64) * 16;
             let fill = |seed: u32| -> Vec<u32> {
                 // plausible data: small f16 values / Q8_0 blocks with a sane scale
                 let mut x = seed;
-                (0..bytes.div_ceil(4))
+                (0..layer_words * layers)
                     .map(|_| {
                         x ^= x << 13;
                         x ^= x >> 17;
@@ -127,28 +135,51 @@ pub fn bench_attention(opts: &BenchOptions) -> Result<Vec<BenchRow>, KernelError
                 .map(|i| ((i % 13) as f32 - 6.0) * 0.02)
                 .collect();
             let mut out = vec![0f32; N_HEAD * HEAD_DIM];
-            // SAFETY: u32 buffers viewed as bytes, `bytes` <= 4 * len.
-            let kb = unsafe { std::slice::from_raw_parts(kc.as_ptr().cast::<u8>(), bytes) };
-            let vb = unsafe { std::slice::from_raw_parts(vc.as_ptr().cast::<u8>(), bytes) };
-            let inputs = super::AttnInputs {
-                q: &q,
-                k_new: &kn,
-                v_new: &kn,
-                k_cache: kb,
-                v_cache: vb,
-            };
-            p.validate(&inputs, out.len())?;
-            let raw = p.to_raw(&inputs, out.as_mut_ptr());
+            let raws = (0..layers)
+                .map(|l| {
+                    let layer = |c: &[u32]| {
+                        // SAFETY: one layer's u32 words viewed as bytes, `bytes` <= 4 * layer_words.
+                        unsafe {
+                            std::slice::from_raw_parts(
+                                c[l * layer_words..].as_ptr().cast::<u8>(),
+                                bytes,
+                            )
+                        }
+                    };
+                    let inputs = super::AttnInputs {
+                        q: &q,
+                        k_new: &kn,
+                        v_new: &kn,
+                        k_cache: layer(&kc),
+                        v_cache: layer(&vc),
+                    };
+                    p.validate(&inputs, out.len())?;
+                    Ok(p.to_raw(&inputs, out.as_mut_ptr()))
+                })
+                .collect::<Result<Vec<_>, KernelError>>()?;
             for k in &kernels {
                 for &nth in &opts.threads {
-                    let (micros, best_micros) = time_kernel(k, &raw, nth.max(1), opts.min_time);
+                    let nth = nth.max(1);
+                    // Scratch for splitting the key range across threads, shared by the
+                    // layers' calls (they run one after another; the kernel re-zeroes it).
+                    let bytes = super::scratch_bytes(&raws[0], nth);
+                    let mut scratch = vec![super::CacheLine([0; 64]); bytes.div_ceil(64)];
+                    let mut raws = raws.clone();
+                    if bytes > 0 {
+                        for r in &mut raws {
+                            r.scratch = scratch.as_mut_ptr().cast();
+                            r.scratch_bytes = scratch.len() * 64;
+                        }
+                    }
+                    let (micros, best_micros) = time_kernel(k, &raws, nth, opts.min_time);
+                    drop(scratch);
                     let kv_bytes = 2 * n_hist * N_HEAD_KV * ty.row_bytes(HEAD_DIM);
                     rows.push(BenchRow {
                         path: k.path(),
                         kv_type: ty,
                         n_hist,
                         layout,
-                        threads: nth.max(1),
+                        threads: nth,
                         micros,
                         best_micros,
                         gbytes_per_s: kv_bytes as f64 / (micros * 1e3),
@@ -160,7 +191,7 @@ pub fn bench_attention(opts: &BenchOptions) -> Result<Vec<BenchRow>, KernelError
     Ok(rows)
 }
 
-struct Shared(*const RawAttnParams);
+struct Shared(*const RawAttnParams, usize);
 // SAFETY: the kernel may be called with the same params from several threads.
 unsafe impl Sync for Shared {}
 
@@ -175,10 +206,10 @@ fn relax(spins: &mut u32) {
     }
 }
 
-/// Median and minimum time of one call (all `nth` shares), in microseconds.
-fn time_kernel(k: &Kernel, raw: &RawAttnParams, nth: usize, min_time: Duration) -> (f64, f64) {
-    // 8 KV heads >= threads here, so no scratch (key-range split) is needed.
-    let shared = Shared(raw);
+/// Median and minimum time of one call (all `nth` shares), in microseconds. Call `g` uses
+/// `raws[g % raws.len()]`.
+fn time_kernel(k: &Kernel, raws: &[RawAttnParams], nth: usize, min_time: Duration) -> (f64, f64) {
+    let shared = Shared(raws.as_ptr(), raws.len());
     let gen = AtomicU64::new(0);
     let done = AtomicUsize::new(0);
     let stop = AtomicBool::new(false);
@@ -203,7 +234,9 @@ fn time_kernel(k: &Kernel, raw: &RawAttnParams, nth: usize, min_time: Duration) 
                     seen = g;
                     spins = 0;
                     // SAFETY: params validated by the caller; shares are disjoint.
-                    unsafe { k.run_raw(shared.0, ith as i32, nth as i32) };
+                    unsafe {
+                        k.run_raw(shared.0.add(g as usize % shared.1), ith as i32, nth as i32)
+                    };
                     done.fetch_add(1, Ordering::AcqRel);
                 }
             });
@@ -211,7 +244,7 @@ fn time_kernel(k: &Kernel, raw: &RawAttnParams, nth: usize, min_time: Duration) 
         let call = |g: u64| {
             gen.store(g, Ordering::Release);
             // SAFETY: as above.
-            unsafe { k.run_raw(shared.0, 0, nth as i32) };
+            unsafe { k.run_raw(shared.0.add(g as usize % shared.1), 0, nth as i32) };
             let mut spins = 0u32;
             while done.load(Ordering::Acquire) < (g as usize) * (nth - 1) {
                 relax(&mut spins);

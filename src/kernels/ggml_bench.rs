@@ -12,13 +12,16 @@ const N_HEAD_KV: i64 = 8;
 
 /// Median microseconds of one decode attention call (one layer) by `ggml_flash_attn_ext` over
 /// `n_hist + 1` cached positions of `kv_type`, with `threads` threads, measured for at least
-/// `min_time`.
+/// `min_time`. One graph computes `layers` such calls, each over its own cache (as a decode
+/// step does, layer after layer); the time is per call.
 pub fn ggml_flash_attn_micros(
     n_hist: usize,
     kv_type: KvType,
     threads: usize,
     min_time: Duration,
+    layers: usize,
 ) -> anyhow::Result<f64> {
+    let layers = layers.max(1);
     let ty = match kv_type {
         KvType::F32 => GgmlType::F32,
         KvType::F16 => GgmlType::F16,
@@ -26,14 +29,22 @@ pub fn ggml_flash_attn_micros(
     };
     let n_kv = n_hist as i64 + 1;
     let backend = CpuBackend::new(threads)?;
-    let data_ctx = Context::new(8 * crate::ggml::tensor_overhead(), true)?;
-    let k = data_ctx.new_tensor(ty, &[HEAD_DIM * N_HEAD_KV, n_kv]);
-    let v = data_ctx.new_tensor(ty, &[HEAD_DIM * N_HEAD_KV, n_kv]);
+    let data_ctx = Context::new((2 * layers + 8) * crate::ggml::tensor_overhead(), true)?;
+    let caches: Vec<(Tensor<'_>, Tensor<'_>)> = (0..layers)
+        .map(|_| {
+            (
+                data_ctx.new_tensor(ty, &[HEAD_DIM * N_HEAD_KV, n_kv]),
+                data_ctx.new_tensor(ty, &[HEAD_DIM * N_HEAD_KV, n_kv]),
+            )
+        })
+        .collect();
     let q = data_ctx.new_tensor(GgmlType::F32, &[HEAD_DIM, N_HEAD, 1]);
     let mask = data_ctx.new_tensor(GgmlType::F16, &[n_kv, 1]);
     let _buffer = backend.alloc_context_tensors(&data_ctx)?;
-    fill(k, ty, 1)?;
-    fill(v, ty, 2)?;
+    for &(k, v) in &caches {
+        fill(k, ty, 1)?;
+        fill(v, ty, 2)?;
+    }
     q.write(
         &(0..HEAD_DIM * N_HEAD)
             .map(|i| ((i * 7919 % 1000) as f32 / 1000.0 - 0.5) * 0.3)
@@ -41,16 +52,19 @@ pub fn ggml_flash_attn_micros(
     );
     mask.write(&vec![0u16; n_kv as usize]);
 
-    let ctx = Context::for_graph(16, 16)?;
-    let mut graph = ctx.new_graph(16);
+    let nodes = 8 * layers + 16;
+    let ctx = Context::for_graph(nodes, nodes)?;
+    let mut graph = ctx.new_graph(nodes);
     let heads = |t: Tensor<'_>| {
         let row = t.nb()[1];
         let head = ty.row_bytes(HEAD_DIM as u64).expect("whole blocks") as usize;
         ctx.view(t, &[HEAD_DIM, n_kv, N_HEAD_KV], &[row, head], 0)
     };
     let qp = ctx.permute(q, [0, 2, 1, 3]);
-    let out = ctx.flash_attn(qp, heads(k), heads(v), mask, 1.0 / (HEAD_DIM as f32).sqrt());
-    graph.expand(out);
+    for &(k, v) in &caches {
+        let out = ctx.flash_attn(qp, heads(k), heads(v), mask, 1.0 / (HEAD_DIM as f32).sqrt());
+        graph.expand(out);
+    }
     let mut alloc = GraphAllocator::new()?;
     alloc.alloc(&graph)?;
     backend.compute(&graph)?; // warm-up
@@ -62,7 +76,7 @@ pub fn ggml_flash_attn_micros(
         samples.push(t.elapsed().as_secs_f64() * 1e6);
     }
     samples.sort_by(f64::total_cmp);
-    Ok(samples[samples.len() / 2])
+    Ok(samples[samples.len() / 2] / layers as f64)
 }
 
 /// Fills a cache tensor with small deterministic values, quantized to its type.

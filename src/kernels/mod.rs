@@ -340,7 +340,7 @@ enum RunMode {
 
 #[derive(Clone, Copy)]
 #[repr(C, align(64))]
-struct CacheLine([u8; 64]);
+pub(crate) struct CacheLine(pub(crate) [u8; 64]);
 
 struct SharedParams(*const RawAttnParams);
 // SAFETY: the kernel is designed to be called concurrently with the same

@@ -435,6 +435,11 @@ fn edge_shapes() {
         // head_dim 256 and 32
         check_case(&case(256, 8, 2, 0, ty, 40, 60, 33, 2, 6));
         check_case(&case(32, 8, 2, 10, ty, 40, 60, 33, 2, 7));
+        // more query heads than one work unit holds: the kv heads are split into blocks
+        // (2 blocks of 8 kv heads; 3 blocks of 2 half-groups; 16 + 4 kv heads)
+        check_case(&case(256, 64, 16, 0, ty, 40, 60, 33, 2, 8));
+        check_case(&case(256, 96, 3, 0, ty, 40, 60, 33, 2, 9));
+        check_case(&case(128, 80, 20, 7, ty, 40, 60, 33, 3, 10));
     }
 }
 
@@ -473,6 +478,8 @@ fn thread_splits_and_orders() {
         (8, 1, 2, 0),
         (8, 2, 3, 40),
         (32, 8, 1, 0),
+        (80, 20, 1, 0),
+        (80, 20, 2, 30),
     ] {
         for ty in TYPES {
             let c = case(128, n_head, n_kv, window, ty, 128, 300, 100, n_q, 5);

@@ -4,7 +4,7 @@
 
 #include "mk_internal.h"
 
-static inline float mk_hsum256(__m256 v)
+static inline __attribute__((always_inline)) float mk_hsum256(__m256 v)
 {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -13,7 +13,7 @@ static inline float mk_hsum256(__m256 v)
 }
 
 /* 8 elements of a row starting at element d, as f32. */
-static inline __m256 mk_load8(const void *row, int type, int d)
+static inline __attribute__((always_inline)) __m256 mk_load8(const void *row, int type, int d)
 {
     const unsigned char *r = (const unsigned char *)row;
     if (type == MK_KV_F32)
@@ -28,7 +28,7 @@ static inline __m256 mk_load8(const void *row, int type, int d)
 
 /* Scores up to 4 heads (NG) against one row: the row chunk is converted once
  * and used by every head. */
-static inline void mk_kscore4(const float *q, int D, int NG, const void *row, int type, float *s)
+static inline __attribute__((always_inline)) void mk_kscore4(const float *q, int D, int NG, const void *row, int type, float *s)
 {
     __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
     for (int d = 0; d < D; d += 8) {
@@ -62,7 +62,7 @@ static inline __attribute__((always_inline)) void mk_kscore_t(const struct mk_qc
 }
 
 /* acc[g][d..d+8) for NG heads kept in registers over the tile's rows. */
-static inline void mk_vacc4(float *acc, int D, int NG, const float *c, int n, const void *const *rows, int type,
+static inline __attribute__((always_inline)) void mk_vacc4(float *acc, int D, int NG, const float *c, int n, const void *const *rows, int type,
                             const float *pr)
 {
     for (int d = 0; d < D; d += 8) {

@@ -5,7 +5,7 @@
 #include "mk_internal.h"
 
 /* 16 elements of a row starting at element d, as f32. */
-static inline __m512 mk_load16(const void *row, int type, int d)
+static inline __attribute__((always_inline)) __m512 mk_load16(const void *row, int type, int d)
 {
     const unsigned char *r = (const unsigned char *)row;
     if (type == MK_KV_F32)
@@ -20,7 +20,7 @@ static inline __m512 mk_load16(const void *row, int type, int d)
 
 /* Scores up to 4 heads (NG) against one row: the row chunk is converted once
  * and used by every head. */
-static inline void mk_kscore4(const float *q, int D, int NG, const void *row, int type, float *s)
+static inline __attribute__((always_inline)) void mk_kscore4(const float *q, int D, int NG, const void *row, int type, float *s)
 {
     __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
     for (int d = 0; d < D; d += 16) {
@@ -56,22 +56,41 @@ static inline __attribute__((always_inline)) void mk_kscore_t(const struct mk_qc
     }
 }
 
-/* acc[g][d..d+16) for NG heads kept in registers over the tile's rows. */
-static inline void mk_vacc4(float *acc, int D, int NG, const float *c, int n, const void *const *rows, int type,
-                            const float *pr)
+/* acc[g][d0..d0+16*NC) for NG heads kept in registers (NG*NC <= 16) over the
+ * tile's rows; each row chunk is converted once and each weight broadcast once
+ * per row, then used by NG*NC independent FMAs. */
+static inline __attribute__((always_inline)) void mk_vacc_blk(float *acc, int D, int d0, int NG, int NC,
+                                                              const float *c, int n, const void *const *rows,
+                                                              int type, const float *pr)
 {
-    for (int d = 0; d < D; d += 16) {
-        __m512 a[4];
-        for (int g = 0; g < NG; g++)
-            a[g] = _mm512_mul_ps(_mm512_loadu_ps(acc + (size_t)g * D + d), _mm512_set1_ps(c[g]));
-        for (int r = 0; r < n; r++) {
-            __m512 v = mk_load16(rows[r], type, d);
-            for (int g = 0; g < NG; g++)
-                a[g] = _mm512_fmadd_ps(_mm512_set1_ps(pr[g * MK_TILE + r]), v, a[g]);
+    __m512 a[4][4];
+    for (int g = 0; g < NG; g++)
+        for (int j = 0; j < NC; j++)
+            a[g][j] = _mm512_mul_ps(_mm512_loadu_ps(acc + (size_t)g * D + d0 + 16 * j), _mm512_set1_ps(c[g]));
+    for (int r = 0; r < n; r++) {
+        __m512 v[4];
+        for (int j = 0; j < NC; j++)
+            v[j] = mk_load16(rows[r], type, d0 + 16 * j);
+        for (int g = 0; g < NG; g++) {
+            __m512 w = _mm512_set1_ps(pr[g * MK_TILE + r]);
+            for (int j = 0; j < NC; j++)
+                a[g][j] = _mm512_fmadd_ps(w, v[j], a[g][j]);
         }
-        for (int g = 0; g < NG; g++)
-            _mm512_storeu_ps(acc + (size_t)g * D + d, a[g]);
     }
+    for (int g = 0; g < NG; g++)
+        for (int j = 0; j < NC; j++)
+            _mm512_storeu_ps(acc + (size_t)g * D + d0 + 16 * j, a[g][j]);
+}
+
+/* acc[g][:] for NG (<= 4) heads, 64 columns at a time (D is a multiple of 32). */
+static inline __attribute__((always_inline)) void mk_vacc4(float *acc, int D, int NG, const float *c, int n,
+                                                           const void *const *rows, int type, const float *pr)
+{
+    int d0 = 0;
+    for (; d0 + 64 <= D; d0 += 64)
+        mk_vacc_blk(acc, D, d0, NG, 4, c, n, rows, type, pr);
+    if (d0 < D)
+        mk_vacc_blk(acc, D, d0, NG, 2, c, n, rows, type, pr);
 }
 
 static inline __attribute__((always_inline)) void mk_vacc_t(float *acc, int ng, int D, const float *c, int n,
@@ -90,6 +109,82 @@ static inline __attribute__((always_inline)) void mk_vacc_t(float *acc, int ng, 
 }
 
 MK_TYPE_DISPATCH
+
+/* Scores 4 heads against 4 rows: 16 independent FMA chains, then per row the
+ * 4 sums folded into one __m128, and the 4x4 block transposed so each head's
+ * 4 scores are stored together. */
+static inline __attribute__((always_inline)) void mk_kscore_4x4(const float *q, int D, const void *const *rows,
+                                                                int type, float scale, float *s)
+{
+    __m512 acc[4][4];
+    for (int r = 0; r < 4; r++)
+        for (int g = 0; g < 4; g++)
+            acc[r][g] = _mm512_setzero_ps();
+    for (int d = 0; d < D; d += 16) {
+        __m512 k[4];
+        for (int r = 0; r < 4; r++)
+            k[r] = mk_load16(rows[r], type, d);
+        for (int g = 0; g < 4; g++) {
+            __m512 qv = _mm512_loadu_ps(q + (size_t)g * D + d);
+            for (int r = 0; r < 4; r++)
+                acc[r][g] = _mm512_fmadd_ps(qv, k[r], acc[r][g]);
+        }
+    }
+    __m128 row[4];
+    for (int r = 0; r < 4; r++) {
+        __m256 y[4];
+        for (int g = 0; g < 4; g++)
+            y[g] = _mm256_add_ps(_mm512_castps512_ps256(acc[r][g]), _mm512_extractf32x8_ps(acc[r][g], 1));
+        __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(y[0], y[1]), _mm256_hadd_ps(y[2], y[3]));
+        row[r] = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+    }
+    _MM_TRANSPOSE4_PS(row[0], row[1], row[2], row[3]);
+    const __m128 vs = _mm_set1_ps(scale);
+    for (int g = 0; g < 4; g++)
+        _mm_storeu_ps(s + g * MK_TILE, _mm_mul_ps(row[g], vs));
+}
+
+static inline __attribute__((always_inline)) void mk_kscore_tile_t(const struct mk_qctx *qc, int ng,
+                                                                   const void *const *rows, int n, int type,
+                                                                   float scale, float *s)
+{
+    const int D = qc->D;
+    int g0 = 0;
+    for (; g0 + 4 <= ng; g0 += 4) {
+        int r = 0;
+        for (; r + 4 <= n; r += 4)
+            mk_kscore_4x4(qc->q + (size_t)g0 * D, D, rows + r, type, scale, s + g0 * MK_TILE + r);
+        for (; r < n; r++) {
+            float t[4];
+            mk_kscore4(qc->q + (size_t)g0 * D, D, 4, rows[r], type, t);
+            for (int g = 0; g < 4; g++)
+                s[(g0 + g) * MK_TILE + r] = t[g] * scale;
+        }
+    }
+    if (g0 < ng) {
+        for (int r = 0; r < n; r++) {
+            float t[4];
+            switch (ng - g0) {
+            case 1: mk_kscore4(qc->q + (size_t)g0 * D, D, 1, rows[r], type, t); break;
+            case 2: mk_kscore4(qc->q + (size_t)g0 * D, D, 2, rows[r], type, t); break;
+            default: mk_kscore4(qc->q + (size_t)g0 * D, D, 3, rows[r], type, t); break;
+            }
+            for (int g = 0; g < ng - g0; g++)
+                s[(g0 + g) * MK_TILE + r] = t[g] * scale;
+        }
+    }
+}
+
+#define MK_HAVE_KSCORE_TILE 1
+static inline void mk_kscore_tile(const struct mk_qctx *qc, int ng, const void *const *rows, int n, int type,
+                                  float scale, float *s)
+{
+    switch (type) {
+    case MK_KV_F32: mk_kscore_tile_t(qc, ng, rows, n, MK_KV_F32, scale, s); break;
+    case MK_KV_F16: mk_kscore_tile_t(qc, ng, rows, n, MK_KV_F16, scale, s); break;
+    default: mk_kscore_tile_t(qc, ng, rows, n, MK_KV_Q8_0, scale, s); break;
+    }
+}
 
 /* exp(x) for x <= 0, 16 lanes: x = n*ln2 + r, exp(r) by a polynomial (Cephes
  * expf coefficients), scaled by 2^n with vscalefps. Relative error ~2e-7;

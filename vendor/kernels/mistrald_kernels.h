@@ -81,9 +81,11 @@ struct mk_attn_params {
 
 /* Computes the part of the output owned by thread ith of nth (0 <= ith < nth);
  * calling it for every ith in [0,nth) (in any order / in parallel) computes
- * the whole output. No allocation; about 24 KiB of stack. Query heads of a
- * group are processed together up to 16 at a time (each cached K/V row is
- * read once per 16 heads of its group). Dispatches to the path chosen at run time (the best one
+ * the whole output. No allocation; about 40 KiB of stack (56 KiB on the NEON
+ * dot-product path). Query heads of a group are processed together up to 16
+ * at a time (each cached K/V row is read once per 16 heads of its group), and
+ * the key range is walked position by position for all kv heads together, so
+ * a slot-major ring is read in address order. Dispatches to the path chosen at run time (the best one
  * the CPU supports, unless mk_set_path() chose another). */
 void mk_attention(const struct mk_attn_params *p, int ith, int nth);
 

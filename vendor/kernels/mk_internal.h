@@ -8,11 +8,17 @@
 
 #include "mistrald_kernels.h"
 
-/* Query heads of one group processed together (state kept on the stack);
- * larger groups are processed as several sub-groups. */
+/* Query heads of one group scored together by the row primitives; larger
+ * groups are processed as several sub-groups. */
 #define MK_MAX_G 16
 /* Keys scored per tile before the softmax state is updated. */
 #define MK_TILE 32
+/* How many tiles ahead the ring rows are prefetched (1: the next tile). */
+#define MK_PF_TILES 1
+/* Most query heads, and most accumulator floats, of one work unit (its state
+ * lives on the stack: at most 32 KiB of accumulators). */
+#define MK_BLOCK_HEADS 64
+#define MK_STATE_FLOATS 8192
 /* Most parts one unit's key range is split into. */
 #define MK_MAX_SPLIT 64
 /* Bytes per work-unit counter in the scratch memory (one cache line). */
@@ -47,19 +53,30 @@ static inline uint16_t mk_load_u16(const void *p)
 
 /* The query heads of one sub-group, as the row primitives see them. */
 struct mk_qctx {
-    const float *q;   /* [ng][D] f32 query rows */
-    int D;            /* head_dim */
-    int has_q8;       /* q8/q8d valid (paths with MK_QUANT_Q, Q8_0 cache) */
-    int8_t q8[MK_MAX_G * MK_MAX_HEAD_DIM];        /* head g at g*MK_MAX_HEAD_DIM */
-    float q8d[MK_MAX_G * (MK_MAX_HEAD_DIM / 32)]; /* head g at g*(MK_MAX_HEAD_DIM/32) */
+    const float *q;     /* [ng][D] f32 query rows */
+    int D;              /* head_dim */
+    int has_q8;         /* q8/q8d valid (paths with MK_QUANT_Q, Q8_0 cache) */
+    const int8_t *q8;   /* head g's Q8_0 values at g*MK_MAX_HEAD_DIM */
+    const float *q8d;   /* head g's block scales at g*(MK_MAX_HEAD_DIM/32) */
 };
 
-/* How the work of one call is divided. Every thread computes the same plan. */
+/* How the work of one call is divided. Every thread computes the same plan.
+ *
+ * The query heads sharing a kv head form a group; a group of more than
+ * MK_MAX_G heads is scored as several sub-groups. (kv head, sub-group) pairs
+ * are numbered kv-head-major, and a unit of work is one query position and a
+ * block of consecutive pairs (for Mistral 7B shapes: all of them). A unit walks
+ * its keys tile by tile and, per tile, runs every pair of its block, so with a
+ * slot-major cache it streams each slot's rows (all kv heads together) from
+ * memory once, in address order. */
 struct mk_plan {
     int G;          /* query heads per kv head */
     int nsub;       /* sub-groups per kv head */
     int gsub;       /* heads per sub-group (the last may have fewer) */
-    int64_t units;  /* n_q * n_head_kv * nsub */
+    int npairs;     /* n_head_kv * nsub */
+    int bpairs;     /* pairs per block (the last block may have fewer) */
+    int nblk;       /* blocks per query position */
+    int64_t units;  /* n_q * nblk */
     int nsplit;     /* parts each unit's key range is split into (1 = no split) */
 };
 
@@ -68,7 +85,14 @@ static inline void mk_make_plan(const struct mk_attn_params *p, int nth, int all
     pl->G = p->n_head / p->n_head_kv;
     pl->nsub = (pl->G + MK_MAX_G - 1) / MK_MAX_G;
     pl->gsub = (pl->G + pl->nsub - 1) / pl->nsub;
-    pl->units = (int64_t)p->n_q * p->n_head_kv * pl->nsub;
+    pl->npairs = p->n_head_kv * pl->nsub;
+    int by_floats = MK_STATE_FLOATS / (pl->gsub * p->head_dim); /* >= 1: gsub*head_dim <= 16*256 */
+    int by_heads = MK_BLOCK_HEADS / pl->gsub;                    /* >= 4 */
+    pl->bpairs = by_floats < by_heads ? by_floats : by_heads;
+    if (pl->bpairs > pl->npairs)
+        pl->bpairs = pl->npairs;
+    pl->nblk = (pl->npairs + pl->bpairs - 1) / pl->bpairs;
+    pl->units = (int64_t)p->n_q * pl->nblk;
     pl->nsplit = 1;
     if (allow_split && pl->units < nth)
         pl->nsplit = (int)(nth / pl->units);
@@ -76,10 +100,11 @@ static inline void mk_make_plan(const struct mk_attn_params *p, int nth, int all
         pl->nsplit = MK_MAX_SPLIT;
 }
 
-/* Floats per partial result: m[gsub], l[gsub], acc[gsub][head_dim]. */
+/* Floats per partial result of a unit: m[bpairs*gsub], l[bpairs*gsub],
+ * acc[bpairs*gsub][head_dim]. */
 static inline size_t mk_partial_floats(const struct mk_attn_params *p, const struct mk_plan *pl)
 {
-    return (size_t)pl->gsub * ((size_t)p->head_dim + 2);
+    return (size_t)pl->bpairs * pl->gsub * ((size_t)p->head_dim + 2);
 }
 
 static inline size_t mk_plan_scratch_bytes(const struct mk_attn_params *p, const struct mk_plan *pl)
