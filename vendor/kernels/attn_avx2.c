@@ -96,6 +96,40 @@ static inline __attribute__((always_inline)) void mk_vacc_t(float *acc, int ng, 
 
 MK_TYPE_DISPATCH
 
+/* Scores 4 heads against 2 rows: 8 independent FMA chains (16 ymm registers
+ * leave no room for more), then per row 3 hadds fold the 4 sums into one
+ * __m128, and the two rows are interleaved so each head's pair of scores is
+ * stored with one 64-bit store. */
+#define MK_KSCORE_BLOCK_ROWS 2
+static inline __attribute__((always_inline)) void mk_kscore_block(const float *q, int D, const void *const *rows,
+                                                                  int type, float scale, float *s)
+{
+    __m256 acc[2][4];
+    for (int r = 0; r < 2; r++)
+        for (int g = 0; g < 4; g++)
+            acc[r][g] = _mm256_setzero_ps();
+    for (int d = 0; d < D; d += 8) {
+        __m256 k0 = mk_load8(rows[0], type, d);
+        __m256 k1 = mk_load8(rows[1], type, d);
+        for (int g = 0; g < 4; g++) {
+            __m256 qv = _mm256_loadu_ps(q + (size_t)g * D + d);
+            acc[0][g] = _mm256_fmadd_ps(qv, k0, acc[0][g]);
+            acc[1][g] = _mm256_fmadd_ps(qv, k1, acc[1][g]);
+        }
+    }
+    __m128 row[2];
+    for (int r = 0; r < 2; r++) {
+        __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(acc[r][0], acc[r][1]), _mm256_hadd_ps(acc[r][2], acc[r][3]));
+        row[r] = _mm_mul_ps(_mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)), _mm_set1_ps(scale));
+    }
+    __m128 lo = _mm_unpacklo_ps(row[0], row[1]); /* g0r0 g0r1 g1r0 g1r1 */
+    __m128 hi = _mm_unpackhi_ps(row[0], row[1]); /* g2r0 g2r1 g3r0 g3r1 */
+    _mm_storel_pi((__m64 *)(s + 0 * MK_TILE), lo);
+    _mm_storeh_pi((__m64 *)(s + 1 * MK_TILE), lo);
+    _mm_storel_pi((__m64 *)(s + 2 * MK_TILE), hi);
+    _mm_storeh_pi((__m64 *)(s + 3 * MK_TILE), hi);
+}
+
 /* exp(x) for x <= 0, 8 lanes: x = n*ln2 + r, exp(r) by a degree-7 minimax-style
  * polynomial (Cephes expf coefficients), 2^n built in the exponent bits.
  * Relative error ~2e-7; x below -87 is clamped (result ~1e-38 instead of

@@ -144,47 +144,8 @@ static inline __attribute__((always_inline)) void mk_kscore_4x4(const float *q, 
         _mm_storeu_ps(s + g * MK_TILE, _mm_mul_ps(row[g], vs));
 }
 
-static inline __attribute__((always_inline)) void mk_kscore_tile_t(const struct mk_qctx *qc, int ng,
-                                                                   const void *const *rows, int n, int type,
-                                                                   float scale, float *s)
-{
-    const int D = qc->D;
-    int g0 = 0;
-    for (; g0 + 4 <= ng; g0 += 4) {
-        int r = 0;
-        for (; r + 4 <= n; r += 4)
-            mk_kscore_4x4(qc->q + (size_t)g0 * D, D, rows + r, type, scale, s + g0 * MK_TILE + r);
-        for (; r < n; r++) {
-            float t[4];
-            mk_kscore4(qc->q + (size_t)g0 * D, D, 4, rows[r], type, t);
-            for (int g = 0; g < 4; g++)
-                s[(g0 + g) * MK_TILE + r] = t[g] * scale;
-        }
-    }
-    if (g0 < ng) {
-        for (int r = 0; r < n; r++) {
-            float t[4];
-            switch (ng - g0) {
-            case 1: mk_kscore4(qc->q + (size_t)g0 * D, D, 1, rows[r], type, t); break;
-            case 2: mk_kscore4(qc->q + (size_t)g0 * D, D, 2, rows[r], type, t); break;
-            default: mk_kscore4(qc->q + (size_t)g0 * D, D, 3, rows[r], type, t); break;
-            }
-            for (int g = 0; g < ng - g0; g++)
-                s[(g0 + g) * MK_TILE + r] = t[g] * scale;
-        }
-    }
-}
-
-#define MK_HAVE_KSCORE_TILE 1
-static inline void mk_kscore_tile(const struct mk_qctx *qc, int ng, const void *const *rows, int n, int type,
-                                  float scale, float *s)
-{
-    switch (type) {
-    case MK_KV_F32: mk_kscore_tile_t(qc, ng, rows, n, MK_KV_F32, scale, s); break;
-    case MK_KV_F16: mk_kscore_tile_t(qc, ng, rows, n, MK_KV_F16, scale, s); break;
-    default: mk_kscore_tile_t(qc, ng, rows, n, MK_KV_Q8_0, scale, s); break;
-    }
-}
+#define MK_KSCORE_BLOCK_ROWS 4
+#define mk_kscore_block mk_kscore_4x4
 
 /* exp(x) for x <= 0, 16 lanes: x = n*ln2 + r, exp(r) by a polynomial (Cephes
  * expf coefficients), scaled by 2^n with vscalefps. Relative error ~2e-7;

@@ -12,12 +12,12 @@
  *   static inline void mk_vacc(float *acc, int ng, int D, const float *c, int n,
  *                              const void *const *rows, int type, const float *pr);
  *       acc[g][:] = c[g] * acc[g][:] + sum_r pr[g*MK_TILE + r] * rows[r][:]   (acc stride D)
- * and optionally (defining MK_HAVE_KSCORE_TILE), a whole-tile scorer
- *   static inline void mk_kscore_tile(const struct mk_qctx *qc, int ng, const void *const *rows, int n,
- *                                     int type, float scale, float *s);
- *       s[g*MK_TILE + r] = scale * (q_g . rows[r]) for g < ng, r < n
- *   (several rows at once keep independent FMA chains in flight; the default
- *   calls mk_kscore row by row), and optionally (defining MK_HAVE_EXP_SUM), a vectorized
+ * and optionally (defining MK_KSCORE_BLOCK_ROWS to R), a block scorer
+ *   static inline void mk_kscore_block(const float *q, int D, const void *const *rows, int type,
+ *                                      float scale, float *s);
+ *       s[g*MK_TILE + r] = scale * (q_g . rows[r]) for 4 heads g and R rows r
+ *   (R rows at once keep 4*R independent FMA chains in flight; without it
+ *   rows are scored one at a time), and optionally (defining MK_HAVE_EXP_SUM), a vectorized
  *   static inline float mk_exp_sum(float *s, int n, float m);
  *       s[r] = exp(s[r] - m) for r < n (all s[r] <= m); returns the sum.
  *
@@ -38,18 +38,60 @@
 
 #include "mk_internal.h"
 
-#ifndef MK_HAVE_KSCORE_TILE
+/* The query context of heads [g0, ...) of qc. */
+static inline struct mk_qctx mk_sub_qctx(const struct mk_qctx *qc, int g0)
+{
+    struct mk_qctx sub = *qc;
+    sub.q += (size_t)g0 * qc->D;
+    if (qc->has_q8) {
+        sub.q8 += (size_t)g0 * MK_MAX_HEAD_DIM;
+        sub.q8d += (size_t)g0 * (MK_MAX_HEAD_DIM / 32);
+    }
+    return sub;
+}
+
+/* s[g*MK_TILE + r] = scale * (q_g . rows[r]) for g < ng, r < n. */
+static inline __attribute__((always_inline)) void mk_kscore_tile_t(const struct mk_qctx *qc, int ng,
+                                                                   const void *const *rows, int n, int type,
+                                                                   float scale, float *s)
+{
+    float t[MK_MAX_G];
+    int g0 = 0;
+#ifdef MK_KSCORE_BLOCK_ROWS
+    /* (a path scoring Q8_0 rows against the quantized query keeps its integer dot products) */
+    for (; g0 + 4 <= ng && !(MK_QUANT_Q && qc->has_q8 && type == MK_KV_Q8_0); g0 += 4) {
+        int r = 0;
+        for (; r + MK_KSCORE_BLOCK_ROWS <= n; r += MK_KSCORE_BLOCK_ROWS)
+            mk_kscore_block(qc->q + (size_t)g0 * qc->D, qc->D, rows + r, type, scale, s + g0 * MK_TILE + r);
+        if (r < n) {
+            struct mk_qctx sub = mk_sub_qctx(qc, g0);
+            for (; r < n; r++) {
+                mk_kscore(&sub, 4, rows[r], type, t);
+                for (int g = 0; g < 4; g++)
+                    s[(g0 + g) * MK_TILE + r] = t[g] * scale;
+            }
+        }
+    }
+#endif
+    if (g0 < ng) {
+        struct mk_qctx sub = mk_sub_qctx(qc, g0);
+        for (int r = 0; r < n; r++) {
+            mk_kscore(&sub, ng - g0, rows[r], type, t);
+            for (int g = 0; g < ng - g0; g++)
+                s[(g0 + g) * MK_TILE + r] = t[g] * scale;
+        }
+    }
+}
+
 static inline void mk_kscore_tile(const struct mk_qctx *qc, int ng, const void *const *rows, int n, int type,
                                   float scale, float *s)
 {
-    float tmp[MK_MAX_G];
-    for (int r = 0; r < n; r++) {
-        mk_kscore(qc, ng, rows[r], type, tmp);
-        for (int g = 0; g < ng; g++)
-            s[g * MK_TILE + r] = tmp[g] * scale;
+    switch (type) {
+    case MK_KV_F32: mk_kscore_tile_t(qc, ng, rows, n, MK_KV_F32, scale, s); break;
+    case MK_KV_F16: mk_kscore_tile_t(qc, ng, rows, n, MK_KV_F16, scale, s); break;
+    default: mk_kscore_tile_t(qc, ng, rows, n, MK_KV_Q8_0, scale, s); break;
     }
 }
-#endif
 
 #ifndef MK_HAVE_EXP_SUM
 static inline float mk_exp_sum(float *s, int n, float m)
