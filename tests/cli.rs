@@ -139,6 +139,40 @@ fn bench_and_info_report() {
 }
 
 #[test]
+fn bench_attention_reports_every_path_and_ggml() {
+    // Small and quick: 2 layers' caches of 64 positions, 2 threads (the decode step's
+    // key-range split and merge run), 1 ms per configuration.
+    let out = stdout(&mistrald(&[
+        "bench-attention",
+        "--history",
+        "64",
+        "--threads",
+        "2",
+        "--kv-type",
+        "f16,q8_0",
+        "--min-ms",
+        "1",
+        "--layers",
+        "2",
+    ]));
+    let paths = mistrald::kernels::available_paths();
+    for ty in ["f16", "q8_0"] {
+        for p in &paths {
+            let row = format!("| {} | {ty} | 64 | slot-major | 2 |", p.description());
+            assert!(out.contains(&row), "no row {row} in\n{out}");
+        }
+        assert!(
+            out.lines()
+                .any(|l| l.starts_with(&format!("| {ty} | 64 | 2 |"))),
+            "no ggml comparison for {ty} in\n{out}"
+        );
+    }
+    let bad = mistrald(&["bench-attention", "--kv-type", "q4_0"]);
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("q4_0"));
+}
+
+#[test]
 fn bad_input_exits_non_zero_with_a_clear_message() {
     let o = mistrald(&[
         "generate",
