@@ -160,17 +160,10 @@ pub fn bench_attention(opts: &BenchOptions) -> Result<Vec<BenchRow>, KernelError
             for k in &kernels {
                 for &nth in &opts.threads {
                     let nth = nth.max(1);
-                    // Scratch for splitting the key range across threads, shared by the
-                    // layers' calls (they run one after another; the kernel re-zeroes it).
-                    let bytes = super::scratch_bytes(&raws[0], nth);
-                    let mut scratch = vec![super::CacheLine([0; 64]); bytes.div_ceil(64)];
+                    // One scratch shared by the layers' calls (they run one after another).
+                    let mut scratch = super::Scratch::for_params(&raws[0], nth);
                     let mut raws = raws.clone();
-                    if bytes > 0 {
-                        for r in &mut raws {
-                            r.scratch = scratch.as_mut_ptr().cast();
-                            r.scratch_bytes = scratch.len() * 64;
-                        }
-                    }
+                    raws.iter_mut().for_each(|r| scratch.attach(r));
                     let (micros, best_micros) = time_kernel(k, &raws, nth, opts.min_time);
                     drop(scratch);
                     let kv_bytes = 2 * n_hist * N_HEAD_KV * ty.row_bytes(HEAD_DIM);

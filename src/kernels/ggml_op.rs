@@ -1,9 +1,8 @@
 //! The native attention kernel as a node of the ggml graph (a custom operation), so it runs
 //! inside the same graph computation as the rest of the forward pass, on ggml's threads.
 
-use super::{scratch_bytes, AttnParams, Kernel, KernelError, RawAttnParams};
+use super::{AttnParams, Kernel, KernelError, RawAttnParams, Scratch};
 use crate::ggml::{CustomOp, OpTensor};
-use std::alloc::{alloc_zeroed, dealloc, Layout};
 
 /// A ggml custom operation computing attention with the native kernel. Its arguments, in
 /// order: `q` `[head_dim, n_head, n_q]`, `k_new` and `v_new` `[head_dim*n_head_kv, n_q]` (f32,
@@ -12,8 +11,8 @@ use std::alloc::{alloc_zeroed, dealloc, Layout};
 pub struct AttentionOp {
     kernel: Kernel,
     params: RawAttnParams,
-    scratch: *mut u8,
-    scratch_layout: Option<Layout>,
+    /// Pointed to by `params` (when the kernel needs it); kept alive with them.
+    _scratch: Scratch,
 }
 
 // SAFETY: the kernel is made to be called concurrently with the same parameters from all
@@ -35,27 +34,13 @@ impl AttentionOp {
             std::ptr::null::<std::ffi::c_void>(),
         );
         let mut params = params.to_raw_ptrs(nf, nf, nf, nv, nv, std::ptr::null_mut());
-        let bytes = scratch_bytes(&params, n_threads);
-        let mut op = AttentionOp {
+        let mut scratch = Scratch::for_params(&params, n_threads);
+        scratch.attach(&mut params);
+        Ok(AttentionOp {
             kernel,
             params,
-            scratch: std::ptr::null_mut(),
-            scratch_layout: None,
-        };
-        if bytes > 0 {
-            if let Ok(layout) = Layout::from_size_align(bytes, 64) {
-                // SAFETY: non-zero size; freed in Drop with the same layout.
-                let p = unsafe { alloc_zeroed(layout) };
-                if !p.is_null() {
-                    op.scratch = p;
-                    op.scratch_layout = Some(layout);
-                    params.scratch = p.cast();
-                    params.scratch_bytes = bytes;
-                    op.params = params;
-                }
-            }
-        }
-        Ok(op)
+            _scratch: scratch,
+        })
     }
 }
 
@@ -72,14 +57,5 @@ impl CustomOp for AttentionOp {
         // there), the tensors are allocated while the graph runs, and ggml calls every
         // ith in 0..nth exactly once.
         unsafe { self.kernel.run_raw(&p, ith as i32, nth as i32) }
-    }
-}
-
-impl Drop for AttentionOp {
-    fn drop(&mut self) {
-        if let Some(layout) = self.scratch_layout {
-            // SAFETY: allocated in `new` with this layout.
-            unsafe { dealloc(self.scratch, layout) }
-        }
     }
 }

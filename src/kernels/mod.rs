@@ -298,13 +298,8 @@ impl Kernel {
         }
         params.validate(inputs, out.len())?;
         let mut raw = params.to_raw(inputs, out.as_mut_ptr());
-        // SAFETY: the struct is fully initialised by to_raw; mk_scratch_size only reads sizes.
-        let scratch_bytes = unsafe { ffi::mk_scratch_size(&raw, n_threads as c_int) };
-        let mut scratch: Vec<CacheLine> = vec![CacheLine([0; 64]); scratch_bytes.div_ceil(64)];
-        if scratch_bytes > 0 {
-            raw.scratch = scratch.as_mut_ptr().cast();
-            raw.scratch_bytes = scratch.len() * 64;
-        }
+        let mut scratch = Scratch::for_params(&raw, n_threads);
+        scratch.attach(&mut raw);
         let shared = SharedParams(&raw);
         let nth = n_threads as c_int;
         match mode {
@@ -340,7 +335,31 @@ enum RunMode {
 
 #[derive(Clone, Copy)]
 #[repr(C, align(64))]
-pub(crate) struct CacheLine(pub(crate) [u8; 64]);
+struct CacheLine([u8; 64]);
+
+/// Scratch memory that lets the kernel split one unit's key range across threads (a decode
+/// step has one unit): [`scratch_bytes`] for the parameters, 64-byte aligned and zeroed, as the
+/// header requires. Calls that run one after another may share it (the kernel leaves it zeroed).
+pub struct Scratch(Vec<CacheLine>);
+
+impl Scratch {
+    /// Scratch for `raw`'s shapes computed by `nth` threads (empty when no split is needed).
+    pub fn for_params(raw: &RawAttnParams, nth: usize) -> Scratch {
+        Scratch(vec![
+            CacheLine([0; 64]);
+            scratch_bytes(raw, nth).div_ceil(64)
+        ])
+    }
+
+    /// Points `raw` at this scratch (leaves it unset when empty). The memory stays where it is
+    /// when the `Scratch` moves; `raw` must not be used after the `Scratch` is dropped.
+    pub fn attach(&mut self, raw: &mut RawAttnParams) {
+        if !self.0.is_empty() {
+            raw.scratch = self.0.as_mut_ptr().cast();
+            raw.scratch_bytes = self.0.len() * 64;
+        }
+    }
+}
 
 struct SharedParams(*const RawAttnParams);
 // SAFETY: the kernel is designed to be called concurrently with the same
@@ -660,9 +679,8 @@ impl AttnParams {
 }
 
 /// Bytes of scratch memory the raw entry needs to split key ranges across
-/// `nth` threads for these parameters (0: no split needed). The ggml custom
-/// op allocates it once (64-byte aligned, zeroed) and sets
-/// `scratch`/`scratch_bytes` in the raw parameters.
+/// `nth` threads for these parameters (0: no split needed); [`Scratch`]
+/// allocates it.
 pub fn scratch_bytes(raw: &RawAttnParams, nth: usize) -> usize {
     // SAFETY: only reads the counts in `raw`.
     unsafe { ffi::mk_scratch_size(raw, nth.min(i32::MAX as usize) as c_int) }
