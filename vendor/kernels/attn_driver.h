@@ -266,11 +266,19 @@ static void mk_run_unit(const struct mk_attn_params *p, const struct mk_plan *pl
                 }
                 prev_h = h;
             }
-            for (int64_t it = pf_items * k / npair, it_end = pf_items * (k + 1) / npair; it < it_end; it++) {
-                int64_t slot = (lo + pf_lo + it / nh) % p->n_slots;
-                size_t off0 = (size_t)slot * p->slot_bytes + (size_t)(h_first + it % nh) * p->head_bytes;
+            /* This pair's share of the items, walked as (slot, kv head) without a division per item. */
+            const int64_t it0 = pf_items * k / npair, it1 = pf_items * (k + 1) / npair;
+            int64_t pf_slot = (lo + pf_lo + it0 / nh) % p->n_slots;
+            int pf_h = (int)(it0 % nh);
+            for (int64_t it = it0; it < it1; it++) {
+                size_t off0 = (size_t)pf_slot * p->slot_bytes + (size_t)(h_first + pf_h) * p->head_bytes;
                 const char *kp = (const char *)p->k_cache + off0;
                 const char *vp = (const char *)p->v_cache + off0;
+                if (++pf_h == nh) {
+                    pf_h = 0;
+                    if (++pf_slot == p->n_slots)
+                        pf_slot = 0;
+                }
                 for (size_t off = 0; off < row_bytes; off += 64) {
                     /* into L2 (prefetcht2): into L1 it evicts the rows in use and
                      * ran about 1.6x slower (vendor/kernels/README.md) */
