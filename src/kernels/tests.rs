@@ -328,25 +328,49 @@ fn kernels() -> Vec<(String, Kernel, bool)> {
     v
 }
 
+/// The f64 references of a case: with the query as given, and with it quantized to Q8_0 (what
+/// a path that scores Q8_0 keys with integer dot products computes).
+struct References {
+    exact: Vec<f64>,
+    quant_q: Vec<f64>,
+}
+
+impl References {
+    fn new(c: &Case, data: &Data) -> References {
+        References {
+            exact: reference(c, data, false),
+            quant_q: reference(c, data, true),
+        }
+    }
+
+    /// The reference a kernel from [`kernels`] is held to.
+    fn for_kernel(&self, quant_q: bool) -> &[f64] {
+        if quant_q {
+            &self.quant_q
+        } else {
+            &self.exact
+        }
+    }
+}
+
 /// Runs one case through every kernel (single thread) and checks it.
 /// Returns the largest errors seen (vs reference, vs scalar).
 fn check_case(c: &Case) -> (f64, f64) {
     let data = make_data(c);
     let inputs = data.inputs(&c.p);
     let d = c.p.head_dim;
-    let want = reference(c, &data, false);
-    let want_q = reference(c, &data, true);
+    let refs = References::new(c, &data);
+    let want = &refs.exact;
     let scalar = Kernel::for_path(KernelPath::Scalar).unwrap();
     let mut base = vec![0f32; c.p.n_q * c.p.n_head * d];
     scalar.run(&c.p, &inputs, &mut base, 1).unwrap();
-    let e = max_row_err(&base, &want, d);
+    let e = max_row_err(&base, want, d);
     assert!(e < TOL_REF, "scalar vs f64 reference: {e:e} for {c:?}");
     let (mut worst_ref, mut worst_path) = (e, 0f64);
     for (name, k, quant_q) in kernels() {
         let mut out = vec![0f32; base.len()];
         k.run(&c.p, &inputs, &mut out, 1).unwrap();
-        let r = if quant_q { &want_q } else { &want };
-        let e = max_row_err(&out, r, d);
+        let e = max_row_err(&out, refs.for_kernel(quant_q), d);
         assert!(e < TOL_REF, "{name} vs f64 reference: {e:e} for {c:?}");
         worst_ref = worst_ref.max(e);
         if !(quant_q && c.p.kv_type == KvType::Q8_0) {
@@ -485,10 +509,10 @@ fn thread_splits_and_orders() {
             let c = case(128, n_head, n_kv, window, ty, 128, 300, 100, n_q, 5);
             let data = make_data(&c);
             let inputs = data.inputs(&c.p);
-            let want = reference(&c, &data, false);
-            let want_q = reference(&c, &data, true);
+            let refs = References::new(&c, &data);
+            let want = &refs.exact;
             for (name, k, quant_q) in kernels() {
-                let r = if quant_q { &want_q } else { &want };
+                let r = refs.for_kernel(quant_q);
                 let mut one = vec![0f32; want.len()];
                 k.run(&c.p, &inputs, &mut one, 1).unwrap();
                 for nth in [2, 3, 7] {
@@ -706,10 +730,10 @@ fn split_with_fewer_keys_than_parts() {
             let c = case(64, 4, 1, 0, ty, 8, 10, n_hist, 1, 3);
             let data = make_data(&c);
             let inputs = data.inputs(&c.p);
-            let want = reference(&c, &data, false);
-            let want_q = reference(&c, &data, true);
+            let refs = References::new(&c, &data);
+            let want = &refs.exact;
             for (name, k, quant_q) in kernels() {
-                let r = if quant_q { &want_q } else { &want };
+                let r = refs.for_kernel(quant_q);
                 let mut out = vec![f32::NAN; want.len()];
                 k.run(&c.p, &inputs, &mut out, 7).unwrap();
                 let e = max_row_err(&out, r, 64);
