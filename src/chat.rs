@@ -41,6 +41,31 @@ impl ChatTemplate {
         }
     }
 
+    /// The template of a loaded model: its `tokenizer.chat_template`, with the pieces of its
+    /// BOS and EOS tokens.
+    pub fn for_model(
+        model: &crate::model::Model,
+        tok: &crate::tokenizer::Tokenizer,
+    ) -> ChatTemplate {
+        let src = model
+            .gguf()
+            .get("tokenizer.chat_template")
+            .and_then(|v| v.as_str())
+            .map(str::to_string);
+        let piece = |id: Option<u32>| id.and_then(|i| tok.piece(i)).unwrap_or("").to_string();
+        ChatTemplate::new(src, &piece(tok.bos()), &piece(tok.eos()))
+    }
+
+    /// Renders `messages` and tokenizes the result (control tokens in the rendered text, such
+    /// as `<s>` or `[INST]`, become their ids).
+    pub fn encode(
+        &self,
+        tok: &crate::tokenizer::Tokenizer,
+        messages: &[ChatMessage],
+    ) -> anyhow::Result<Vec<u32>> {
+        tok.encode_with_control_tokens(&self.render(messages)?)
+    }
+
     /// Whether the model's own template is used.
     pub fn is_model_template(&self) -> bool {
         self.source.is_some()

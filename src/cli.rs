@@ -6,8 +6,9 @@ use crate::engine::{AttentionChoice, Engine, EngineConfig, Logits};
 use crate::generation::{generate, GenerationParams};
 use crate::ggml::GgmlType;
 use crate::kv_cache::KvType;
+use crate::model::bundled::resolve_model;
 use crate::model::synthetic::{write_synthetic_model, SyntheticSpec};
-use crate::model::{LoadOptions, MappedGguf, Model};
+use crate::model::{LoadOptions, MappedGguf};
 use crate::sampler::SamplerConfig;
 use crate::tokenizer::Tokenizer;
 use anyhow::{bail, Context as _};
@@ -73,9 +74,9 @@ struct BenchAttentionArgs {
 /// Options shared by every command that runs the model.
 #[derive(Args, Debug, Clone)]
 struct ModelArgs {
-    /// GGUF model file.
+    /// GGUF model file (default: the bundled model, see README).
     #[arg(long, short)]
-    model: PathBuf,
+    model: Option<PathBuf>,
     /// Compute threads (default: all cores).
     #[arg(long, short)]
     threads: Option<usize>,
@@ -115,24 +116,24 @@ impl ModelArgs {
         cfg
     }
 
+    /// The model file: `--model`, else the bundled model (saying which file on stderr).
+    fn path(&self) -> anyhow::Result<PathBuf> {
+        resolve_model(self.model.as_deref(), |p| {
+            eprintln!(
+                "mistrald: no --model given; using the bundled model {}",
+                p.display()
+            )
+        })
+    }
+
     fn load(&self) -> anyhow::Result<(Engine, Tokenizer)> {
-        let file = MappedGguf::open(&self.model)?;
-        let tok = Tokenizer::for_model(&file.info, &self.model)?;
-        let model = Model::load_with(
-            file,
+        crate::engine::open(
+            &self.path()?,
             LoadOptions {
                 repack: !self.no_repack,
             },
-        )?;
-        if tok.vocab_size() != model.hparams.n_vocab {
-            bail!(
-                "{}: the tokenizer has {} tokens but the embedding matrix has {} rows",
-                self.model.display(),
-                tok.vocab_size(),
-                model.hparams.n_vocab
-            );
-        }
-        Ok((Engine::new(model, self.config())?, tok))
+            self.config(),
+        )
     }
 }
 
@@ -164,8 +165,8 @@ struct GenerateArgs {
     /// Min-p (0 = off).
     #[arg(long, default_value_t = 0.05)]
     min_p: f32,
-    /// Repetition penalty (1 = off).
-    #[arg(long, default_value_t = 1.1)]
+    /// Repetition penalty (1 = off, the default: see README).
+    #[arg(long, default_value_t = 1.0)]
     repeat_penalty: f32,
     /// Random seed for reproducible sampling.
     #[arg(long)]
@@ -177,9 +178,9 @@ struct GenerateArgs {
 
 #[derive(Args, Debug)]
 struct TokenizeArgs {
-    /// GGUF model or vocabulary file.
+    /// GGUF model or vocabulary file (default: the bundled model).
     #[arg(long, short)]
-    model: PathBuf,
+    model: Option<PathBuf>,
     /// Print `{"tokens":[...]}`.
     #[arg(long)]
     json: bool,
@@ -290,17 +291,6 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-fn chat_template(engine: &Engine, tok: &Tokenizer) -> ChatTemplate {
-    let src = engine
-        .model()
-        .gguf()
-        .get("tokenizer.chat_template")
-        .and_then(|v| v.as_str())
-        .map(str::to_string);
-    let piece = |id: Option<u32>| id.and_then(|i| tok.piece(i)).unwrap_or("").to_string();
-    ChatTemplate::new(src, &piece(tok.bos()), &piece(tok.eos()))
-}
-
 fn cmd_generate(a: GenerateArgs) -> anyhow::Result<()> {
     let (mut engine, tok) = a.model.load()?;
     let prompt = if a.chat {
@@ -309,11 +299,9 @@ fn cmd_generate(a: GenerateArgs) -> anyhow::Result<()> {
             msgs.push(ChatMessage::new("system", s));
         }
         msgs.push(ChatMessage::new("user", &a.prompt));
-        tok.encode_with_control_tokens(&chat_template(&engine, &tok).render(&msgs)?)?
+        ChatTemplate::for_model(engine.model(), &tok).encode(&tok, &msgs)?
     } else {
-        let mut ids: Vec<u32> = tok.bos().filter(|_| tok.adds_bos()).into_iter().collect();
-        ids.extend(tok.encode(&a.prompt)?);
-        ids
+        tok.encode_prompt(&a.prompt)?
     };
     let params = GenerationParams {
         max_tokens: a.max_tokens,
@@ -327,6 +315,7 @@ fn cmd_generate(a: GenerateArgs) -> anyhow::Result<()> {
             seed: a.seed,
             ..SamplerConfig::default()
         },
+        logprobs: None,
     };
     let mut seq = engine.new_sequence()?;
     let stdout = std::io::stdout();
@@ -349,8 +338,14 @@ fn cmd_generate(a: GenerateArgs) -> anyhow::Result<()> {
 }
 
 fn cmd_tokenize(a: TokenizeArgs) -> anyhow::Result<()> {
-    let file = MappedGguf::open(&a.model)?;
-    let tok = Tokenizer::for_model(&file.info, &a.model)?;
+    let path = resolve_model(a.model.as_deref(), |p| {
+        eprintln!(
+            "mistrald: no --model given; using the bundled model {}",
+            p.display()
+        )
+    })?;
+    let file = MappedGguf::open(&path)?;
+    let tok = Tokenizer::for_model(&file.info, &path)?;
     let mut ids: Vec<u32> = if a.bos {
         tok.bos().into_iter().collect()
     } else {
@@ -378,11 +373,7 @@ fn cmd_eval(a: EvalArgs) -> anyhow::Result<()> {
         _ => None,
     };
     let ids: Vec<u32> = match (text, a.tokens) {
-        (Some(t), _) => {
-            let mut ids: Vec<u32> = tok.bos().filter(|_| tok.adds_bos()).into_iter().collect();
-            ids.extend(tok.encode(&t)?);
-            ids
-        }
+        (Some(t), _) => tok.encode_prompt(&t)?,
         (None, Some(ids)) => ids,
         (None, None) => bail!("give the input with --prompt, --tokens or --file"),
     };
@@ -492,7 +483,7 @@ fn cmd_info(a: InfoArgs) -> anyhow::Result<()> {
     let m = engine.model();
     let kv = engine.kv_shape();
     let mib = |b: u64| b as f64 / 1048576.0;
-    println!("file:            {}", a.model.model.display());
+    println!("file:            {}", m.gguf().path.display());
     println!(
         "architecture:    {} ({})",
         hp.arch,
@@ -535,7 +526,7 @@ fn cmd_info(a: InfoArgs) -> anyhow::Result<()> {
     );
     println!(
         "chat template:   {}",
-        if chat_template(&engine, &tok).is_model_template() {
+        if ChatTemplate::for_model(engine.model(), &tok).is_model_template() {
             "from the model"
         } else {
             "Mistral Instruct (built in)"

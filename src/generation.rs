@@ -3,7 +3,7 @@
 
 use crate::engine::{Engine, Logits, Sequence};
 use crate::sampler::{Sampler, SamplerConfig};
-use crate::tokenizer::Tokenizer;
+use crate::tokenizer::{StreamDecoder, Tokenizer};
 
 /// What to generate.
 #[derive(Clone, Debug)]
@@ -14,6 +14,9 @@ pub struct GenerationParams {
     pub stop: Vec<String>,
     /// Sampling settings.
     pub sampler: SamplerConfig,
+    /// `Some(k)`: compute each sampled token's log-probability and the `k` most likely
+    /// alternatives.
+    pub logprobs: Option<usize>,
 }
 
 /// Why generation ended.
@@ -48,6 +51,8 @@ pub struct GenerationStats {
     pub prompt_tokens: usize,
     /// Tokens generated.
     pub generated_tokens: usize,
+    /// The generated token ids (the end-of-sequence token included when it was sampled).
+    pub tokens: Vec<u32>,
     /// Seconds spent in prefill.
     pub prefill_seconds: f64,
     /// Seconds spent generating.
@@ -109,6 +114,130 @@ impl StopMatcher {
     }
 }
 
+/// The log-probability of a sampled token and the most likely alternatives.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TokenProb {
+    /// The sampled token.
+    pub token: u32,
+    /// Its natural-log probability under the model (before sampling filters).
+    pub logprob: f32,
+    /// The most likely tokens at this position with theirs, most likely first.
+    pub top: Vec<(u32, f32)>,
+}
+
+/// What one sampled token produced.
+#[derive(Clone, Debug)]
+pub struct Step {
+    /// The sampled token.
+    pub token: u32,
+    /// Text it releases (whole characters, held back while it may start a stop string).
+    pub text: String,
+    /// Its log-probability, when [`GenerationParams::logprobs`] asks for them.
+    pub prob: Option<TokenProb>,
+    /// `Some` when generation is over; otherwise the caller feeds `token` to the sequence and
+    /// calls [`Generation::next`] with the logits it gives.
+    pub finish: Option<FinishReason>,
+}
+
+/// The per-request generation state: sampler, streaming detokenizer, stop strings and token
+/// limit. Offline [`generate`] drives one; the daemon's scheduler drives many, one step each.
+pub struct Generation {
+    params: GenerationParams,
+    sampler: Sampler,
+    stream: StreamDecoder,
+    stops: StopMatcher,
+    tokens: Vec<u32>,
+    finish: Option<FinishReason>,
+}
+
+impl Generation {
+    /// A generation continuing `prompt` (which the repetition penalties see) with `params`.
+    pub fn new(params: &GenerationParams, prompt: &[u32]) -> anyhow::Result<Generation> {
+        params.sampler.validate().map_err(|e| anyhow::anyhow!(e))?;
+        let mut sampler = Sampler::new(params.sampler.clone());
+        prompt.iter().for_each(|&t| sampler.accept(t));
+        Ok(Generation {
+            params: params.clone(),
+            sampler,
+            stream: StreamDecoder::default(),
+            stops: StopMatcher::new(&params.stop),
+            tokens: Vec::new(),
+            finish: if params.max_tokens == 0 {
+                Some(FinishReason::Length)
+            } else {
+                None
+            },
+        })
+    }
+
+    /// Samples the next token from `logits` (the last fed position's) and returns the text it
+    /// releases. `room` tells whether the sequence can take one more position; without room
+    /// the generation ends with [`FinishReason::Length`] after this token.
+    pub fn next(&mut self, tok: &Tokenizer, logits: &[f32], room: bool) -> anyhow::Result<Step> {
+        anyhow::ensure!(self.finish.is_none(), "the generation has already ended");
+        let token = self.sampler.sample(logits);
+        self.tokens.push(token);
+        let prob = self.params.logprobs.map(|k| {
+            let (logprob, top) = crate::sampler::log_probs(logits, token, k);
+            TokenProb {
+                token,
+                logprob,
+                top,
+            }
+        });
+        if Some(token) == tok.eos() {
+            let text = self.flush(tok)?;
+            return Ok(self.end(token, text, prob, FinishReason::Eos));
+        }
+        self.sampler.accept(token);
+        let (mut text, stopped) = self.stops.push(&self.stream.push(tok, token)?);
+        if stopped {
+            return Ok(self.end(token, text, prob, FinishReason::Stop));
+        }
+        if self.tokens.len() >= self.params.max_tokens || !room {
+            text.push_str(&self.flush(tok)?);
+            return Ok(self.end(token, text, prob, FinishReason::Length));
+        }
+        Ok(Step {
+            token,
+            text,
+            prob,
+            finish: None,
+        })
+    }
+
+    /// Ends the generation on the consumer's request.
+    pub fn cancel(&mut self) {
+        self.finish.get_or_insert(FinishReason::Cancelled);
+    }
+
+    /// Tokens sampled so far (the end-of-sequence token included when it was sampled).
+    pub fn tokens(&self) -> &[u32] {
+        &self.tokens
+    }
+
+    /// Why the generation ended, once it has.
+    pub fn finish_reason(&self) -> Option<FinishReason> {
+        self.finish
+    }
+
+    fn end(&mut self, token: u32, text: String, prob: Option<TokenProb>, f: FinishReason) -> Step {
+        self.finish = Some(f);
+        Step {
+            token,
+            text,
+            prob,
+            finish: Some(f),
+        }
+    }
+
+    /// Text still held back by the detokenizer and the stop matcher.
+    fn flush(&mut self, tok: &Tokenizer) -> anyhow::Result<String> {
+        let (text, _) = self.stops.push(&self.stream.finish(tok)?);
+        Ok(text + &self.stops.finish())
+    }
+}
+
 /// Runs `prompt` through `seq` and generates, calling `emit` with each text piece; `emit`
 /// returns false to cancel.
 pub fn generate(
@@ -119,52 +248,31 @@ pub fn generate(
     params: &GenerationParams,
     mut emit: impl FnMut(&str) -> bool,
 ) -> anyhow::Result<GenerationStats> {
-    params.sampler.validate().map_err(|e| anyhow::anyhow!(e))?;
     anyhow::ensure!(!prompt.is_empty(), "the prompt is empty");
-    let mut sampler = Sampler::new(params.sampler.clone());
-    prompt.iter().for_each(|&t| sampler.accept(t));
+    let mut generation = Generation::new(params, prompt)?;
     let t0 = std::time::Instant::now();
     let mut logits = engine.feed(seq, prompt, Logits::Last)?;
     let prefill_seconds = t0.elapsed().as_secs_f64();
     let t1 = std::time::Instant::now();
-    let mut stream = tok.stream();
-    let mut stops = StopMatcher::new(&params.stop);
-    let mut generated = 0;
     let finish = loop {
-        if generated == params.max_tokens {
-            break FinishReason::Length;
+        if let Some(f) = generation.finish_reason() {
+            break f;
         }
-        let token = sampler.sample(&logits);
-        generated += 1;
-        if Some(token) == tok.eos() {
-            break FinishReason::Eos;
-        }
-        sampler.accept(token);
-        let (text, stopped) = stops.push(&stream.push(token)?);
-        if !text.is_empty() && !emit(&text) {
+        let room = seq.cache().remaining() != Some(0);
+        let step = generation.next(tok, &logits, room)?;
+        if !step.text.is_empty() && !emit(&step.text) {
+            generation.cancel();
             break FinishReason::Cancelled;
         }
-        if stopped {
-            break FinishReason::Stop;
+        if let Some(f) = step.finish {
+            break f;
         }
-        if generated == params.max_tokens {
-            break FinishReason::Length;
-        }
-        if seq.cache().remaining() == Some(0) {
-            break FinishReason::Length;
-        }
-        logits = engine.feed(seq, &[token], Logits::Last)?;
+        logits = engine.feed(seq, &[step.token], Logits::Last)?;
     };
-    if matches!(finish, FinishReason::Eos | FinishReason::Length) {
-        let (text, _) = stops.push(&stream.finish()?);
-        let rest = text + &stops.finish();
-        if !rest.is_empty() {
-            emit(&rest);
-        }
-    }
     Ok(GenerationStats {
         prompt_tokens: prompt.len(),
-        generated_tokens: generated,
+        generated_tokens: generation.tokens().len(),
+        tokens: generation.tokens().to_vec(),
         prefill_seconds,
         decode_seconds: t1.elapsed().as_secs_f64(),
         finish,

@@ -144,6 +144,9 @@ pub enum KvError {
         n_slots: usize,
         requested: usize,
     },
+    /// The ring no longer holds the positions a cut-back sequence would need.
+    #[error("cannot cut the cache back from {n_past} to {to} positions: the ring has moved on")]
+    CannotTruncate { n_past: u64, to: u64 },
     /// A step larger than the ring.
     #[error("step of {0} tokens is larger than the cache ({1} slots)")]
     ChunkTooLarge(usize, usize),
@@ -223,6 +226,37 @@ impl KvCache {
     /// Forgets every position so the cache can serve a new sequence.
     pub fn reset(&mut self) {
         self.n_past = 0;
+    }
+
+    /// Whether the cache can be cut back to its first `n` positions and continued from there:
+    /// the ring must still hold every position a query at `n` sees (true until the ring has
+    /// wrapped, or when nothing is cut).
+    pub fn can_truncate(&self, n: u64) -> bool {
+        if n > self.n_past {
+            return false;
+        }
+        if n == self.n_past || n == 0 {
+            return true;
+        }
+        // The ring holds positions `oldest_kept..n_past`; a query at `n` sees keys from
+        // `oldest_needed` on (and later queries need no earlier ones).
+        let oldest_kept = self.n_past.saturating_sub(self.shape.n_slots as u64);
+        let window = self.shape.window.map_or(u64::MAX, |w| w as u64);
+        let oldest_needed = (n + 1).saturating_sub(window);
+        oldest_needed >= oldest_kept
+    }
+
+    /// Cuts the cache back to its first `n` positions (see [`KvCache::can_truncate`]); slots
+    /// of later positions are overwritten as the sequence continues.
+    pub fn truncate(&mut self, n: u64) -> Result<(), KvError> {
+        if !self.can_truncate(n) {
+            return Err(KvError::CannotTruncate {
+                n_past: self.n_past,
+                to: n,
+            });
+        }
+        self.n_past = n;
+        Ok(())
     }
 
     /// Layer `l`'s key ring, `[row_elems, n_slots]`.
@@ -388,6 +422,32 @@ mod tests {
         c.reset();
         assert_eq!(c.n_past(), 0);
         assert!(c.plan(4).is_ok());
+    }
+
+    #[test]
+    fn truncation_is_allowed_while_the_ring_holds_what_the_next_query_needs() {
+        let mut c = cache(4, Some(4));
+        c.commit(4);
+        assert!(c.can_truncate(2), "not wrapped yet: any prefix");
+        assert!(c.can_truncate(0));
+        assert!(!c.can_truncate(5));
+        c.commit(2); // positions 2..=5 in the ring (0 and 1 overwritten by 4 and 5)
+        assert!(c.can_truncate(6));
+        assert!(c.can_truncate(5), "a query at 5 sees 2..=5, all still held");
+        assert!(
+            !c.can_truncate(4),
+            "a query at 4 would see position 1, overwritten"
+        );
+        assert!(c.truncate(3).is_err());
+        c.truncate(5).unwrap();
+        assert_eq!(c.n_past(), 5);
+        let mut full = cache(8, None);
+        full.commit(6);
+        full.truncate(3).unwrap();
+        assert_eq!(full.n_past(), 3);
+        let plan = full.plan(2).unwrap();
+        assert_eq!(plan.pos0, 3);
+        assert_eq!(plan.write_slots, vec![3, 4]);
     }
 
     #[test]

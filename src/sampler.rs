@@ -20,8 +20,14 @@ pub struct SamplerConfig {
     pub min_p: f32,
     /// Divide positive logits (multiply negative ones) of recently seen tokens by this (1: off).
     pub repeat_penalty: f32,
-    /// How many recent tokens the repetition penalty looks at.
+    /// How many recent tokens the repetition, presence and frequency penalties look at.
     pub repeat_last_n: usize,
+    /// Subtracted from the logit of every token that appears among the recent tokens
+    /// (OpenAI's `presence_penalty`, -2..2; 0: off).
+    pub presence_penalty: f32,
+    /// Subtracted from a token's logit once per time it appears among the recent tokens
+    /// (OpenAI's `frequency_penalty`, -2..2; 0: off).
+    pub frequency_penalty: f32,
     /// Random seed (`None`: from the operating system).
     pub seed: Option<u64>,
 }
@@ -33,8 +39,10 @@ impl Default for SamplerConfig {
             top_k: 40,
             top_p: 0.95,
             min_p: 0.05,
-            repeat_penalty: 1.1,
+            repeat_penalty: 1.0,
             repeat_last_n: 64,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
             seed: None,
         }
     }
@@ -72,6 +80,14 @@ impl SamplerConfig {
                 "repeat_penalty {} must be positive",
                 self.repeat_penalty
             ));
+        }
+        for (name, v) in [
+            ("presence_penalty", self.presence_penalty),
+            ("frequency_penalty", self.frequency_penalty),
+        ] {
+            if !(v.is_finite() && (-2.0..=2.0).contains(&v)) {
+                return Err(format!("{name} {v} must be between -2 and 2"));
+            }
         }
         Ok(())
     }
@@ -120,6 +136,17 @@ impl Sampler {
                     } else {
                         *l * self.cfg.repeat_penalty
                     };
+                }
+            }
+        }
+        if self.cfg.presence_penalty != 0.0 || self.cfg.frequency_penalty != 0.0 {
+            let mut counts: std::collections::HashMap<u32, u32> = Default::default();
+            for &t in &self.recent {
+                *counts.entry(t).or_default() += 1;
+            }
+            for (t, n) in counts {
+                if let Some(l) = logits.get_mut(t as usize) {
+                    *l -= self.cfg.presence_penalty + self.cfg.frequency_penalty * n as f32;
                 }
             }
         }
@@ -173,6 +200,49 @@ impl Sampler {
     }
 }
 
+/// The natural-log probability of `token` under the softmax of `logits`, and the `k` most
+/// likely tokens with theirs (most likely first).
+pub fn log_probs(logits: &[f32], token: u32, k: usize) -> (f32, Vec<(u32, f32)>) {
+    let max = logits
+        .iter()
+        .copied()
+        .filter(|l| l.is_finite())
+        .fold(f32::NEG_INFINITY, f32::max);
+    let log_sum = max
+        + logits
+            .iter()
+            .filter(|l| l.is_finite())
+            .map(|&l| ((l - max) as f64).exp())
+            .sum::<f64>()
+            .ln() as f32;
+    let lp = |l: f32| {
+        if l.is_finite() {
+            l - log_sum
+        } else {
+            f32::NEG_INFINITY
+        }
+    };
+    let chosen = logits
+        .get(token as usize)
+        .copied()
+        .map(lp)
+        .unwrap_or(f32::NEG_INFINITY);
+    let mut top: Vec<(u32, f32)> = Vec::with_capacity(k + 1);
+    if k > 0 {
+        for (i, &l) in logits.iter().enumerate() {
+            if !l.is_finite() {
+                continue;
+            }
+            if top.len() < k || l > top[top.len() - 1].1 {
+                let at = top.partition_point(|&(_, x)| x >= l);
+                top.insert(at, (i as u32, l));
+                top.truncate(k);
+            }
+        }
+    }
+    (chosen, top.into_iter().map(|(i, l)| (i, lp(l))).collect())
+}
+
 /// Index of the largest logit.
 pub fn argmax(logits: &[f32]) -> u32 {
     logits
@@ -185,6 +255,44 @@ pub fn argmax(logits: &[f32]) -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn log_probs_are_a_normalized_log_softmax_with_the_top_k_in_order() {
+        let logits = [1.0f32, 3.0, 2.0, f32::NEG_INFINITY];
+        let (lp, top) = log_probs(&logits, 2, 2);
+        let z: f64 = [1.0f64, 3.0, 2.0].iter().map(|x| x.exp()).sum();
+        assert!((lp as f64 - (2.0 - z.ln())).abs() < 1e-5);
+        assert_eq!(top.iter().map(|t| t.0).collect::<Vec<_>>(), vec![1, 2]);
+        let total: f64 = (0..3)
+            .map(|t| (log_probs(&logits, t, 0).0 as f64).exp())
+            .sum();
+        assert!((total - 1.0).abs() < 1e-5);
+        assert_eq!(log_probs(&logits, 3, 0).0, f32::NEG_INFINITY);
+    }
+
+    #[test]
+    fn presence_and_frequency_penalties_lower_seen_tokens() {
+        let logits = [1.0f32, 1.2, 0.0];
+        let mut s = Sampler::new(SamplerConfig {
+            presence_penalty: 0.5,
+            ..SamplerConfig::greedy()
+        });
+        s.accept(1);
+        assert_eq!(s.sample(&logits), 0, "1.2 - 0.5 < 1.0");
+        let mut s = Sampler::new(SamplerConfig {
+            frequency_penalty: 0.15,
+            ..SamplerConfig::greedy()
+        });
+        s.accept(1);
+        assert_eq!(s.sample(&logits), 1, "one occurrence: 1.05 > 1.0");
+        s.accept(1);
+        assert_eq!(s.sample(&logits), 0, "two occurrences: 0.9 < 1.0");
+        let bad = SamplerConfig {
+            frequency_penalty: 3.0,
+            ..SamplerConfig::greedy()
+        };
+        assert!(bad.validate().unwrap_err().contains("frequency_penalty"));
+    }
 
     #[test]
     fn greedy_picks_the_largest() {

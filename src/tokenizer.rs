@@ -295,13 +295,18 @@ impl Tokenizer {
             .map_err(|e| anyhow!("decoding failed: {e}"))
     }
 
-    /// A streaming decoder for one generated sequence.
-    pub fn stream(&self) -> StreamDecoder<'_> {
-        StreamDecoder {
+    /// Token ids of a plain-text prompt: BOS first when the model adds one, then the text.
+    pub fn encode_prompt(&self, text: &str) -> anyhow::Result<Vec<u32>> {
+        let mut ids: Vec<u32> = self.bos().filter(|_| self.adds_bos()).into_iter().collect();
+        ids.extend(self.encode(text)?);
+        Ok(ids)
+    }
+
+    /// A streaming decoder for one generated sequence (bound to this tokenizer).
+    pub fn stream(&self) -> BoundStreamDecoder<'_> {
+        BoundStreamDecoder {
             tok: self,
-            ids: Vec::new(),
-            prefix: 0,
-            read: 0,
+            inner: StreamDecoder::default(),
         }
     }
 }
@@ -346,20 +351,40 @@ fn numeric_array(g: &GgufFile, key: &str, v: &GgufValue, n: usize) -> anyhow::Re
 }
 
 /// Turns generated tokens into text pieces as they arrive: every piece is valid UTF-8, and a
-/// character split over several byte tokens is held back until it is complete.
-pub struct StreamDecoder<'t> {
-    tok: &'t Tokenizer,
+/// character split over several byte tokens is held back until it is complete. It holds no
+/// reference to the tokenizer (each call takes it), so it can live in long-lived per-request
+/// state; [`Tokenizer::stream`] gives one bound to a tokenizer.
+#[derive(Clone, Debug, Default)]
+pub struct StreamDecoder {
     ids: Vec<u32>,
     prefix: usize,
     read: usize,
 }
 
-impl StreamDecoder<'_> {
+/// A [`StreamDecoder`] bound to its tokenizer.
+pub struct BoundStreamDecoder<'t> {
+    tok: &'t Tokenizer,
+    inner: StreamDecoder,
+}
+
+impl BoundStreamDecoder<'_> {
     /// Adds a token; returns the text it completes (possibly empty).
     pub fn push(&mut self, id: u32) -> anyhow::Result<String> {
+        self.inner.push(self.tok, id)
+    }
+
+    /// Text still held back (an incomplete character at the end), decoded leniently.
+    pub fn finish(&mut self) -> anyhow::Result<String> {
+        self.inner.finish(self.tok)
+    }
+}
+
+impl StreamDecoder {
+    /// Adds a token; returns the text it completes (possibly empty).
+    pub fn push(&mut self, tok: &Tokenizer, id: u32) -> anyhow::Result<String> {
         self.ids.push(id);
-        let before = self.tok.decode(&self.ids[self.prefix..self.read])?;
-        let now = self.tok.decode(&self.ids[self.prefix..])?;
+        let before = tok.decode(&self.ids[self.prefix..self.read])?;
+        let now = tok.decode(&self.ids[self.prefix..])?;
         if now.len() > before.len() && !now.ends_with('\u{FFFD}') && now.starts_with(&before) {
             let piece = now[before.len()..].to_string();
             self.prefix = self.read;
@@ -371,9 +396,9 @@ impl StreamDecoder<'_> {
     }
 
     /// Text still held back (an incomplete character at the end), decoded leniently.
-    pub fn finish(&mut self) -> anyhow::Result<String> {
-        let before = self.tok.decode(&self.ids[self.prefix..self.read])?;
-        let now = self.tok.decode(&self.ids[self.prefix..])?;
+    pub fn finish(&mut self, tok: &Tokenizer) -> anyhow::Result<String> {
+        let before = tok.decode(&self.ids[self.prefix..self.read])?;
+        let now = tok.decode(&self.ids[self.prefix..])?;
         self.prefix = self.ids.len();
         self.read = self.ids.len();
         Ok(now.get(before.len()..).unwrap_or("").to_string())

@@ -194,3 +194,33 @@ fn bad_input_exits_non_zero_with_a_clear_message() {
     assert_eq!(o.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&o.stderr).contains("vocabulary-only"));
 }
+
+#[test]
+fn without_a_model_the_bundled_trained_model_is_used_and_says_so() {
+    let o = mistrald(&[
+        "generate",
+        "--prompt",
+        "The meaning of life is",
+        "--temperature",
+        "0",
+        "--max-tokens",
+        "24",
+    ]);
+    let text = stdout(&o);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("using the bundled model") && err.contains("fortunes-22m-q8_0.gguf"),
+        "stderr: {err}"
+    );
+    // A trained model writes words, not random tokens: mostly letters and spaces.
+    let letters = text
+        .chars()
+        .filter(|c| c.is_ascii_alphabetic() || *c == ' ')
+        .count();
+    assert!(
+        text.split_whitespace().count() >= 8 && letters * 10 >= text.len() * 8,
+        "readable text: {text:?}"
+    );
+    let info = stdout(&mistrald(&["info"]));
+    assert!(info.contains("window:          128"), "{info}");
+}

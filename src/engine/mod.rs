@@ -11,8 +11,10 @@ use crate::kv_cache::{AttnPlan, KvCache, KvShape, KvType};
 use crate::model::mistral::{
     build_step, fill_attention_inputs, AttentionImpl, SeqInput, StepCompute,
 };
-use crate::model::{HParams, Model};
+use crate::model::{HParams, LoadOptions, MappedGguf, Model};
+use crate::tokenizer::Tokenizer;
 use anyhow::{bail, Context as _};
+use std::path::Path;
 
 /// Runtime settings of the engine.
 #[derive(Clone, Debug)]
@@ -114,6 +116,38 @@ impl Sequence {
     pub fn reset(&mut self) {
         self.cache.reset();
     }
+
+    /// Whether the sequence can be cut back to its first `n` positions (see
+    /// [`KvCache::can_truncate`]).
+    pub fn can_truncate(&self, n: u64) -> bool {
+        self.cache.can_truncate(n)
+    }
+
+    /// Cuts the sequence back to its first `n` positions, to continue differently from there.
+    pub fn truncate(&mut self, n: u64) -> anyhow::Result<()> {
+        Ok(self.cache.truncate(n)?)
+    }
+}
+
+/// Opens the GGUF model at `path`: maps it, builds its tokenizer, loads the weights with
+/// `load` and prepares an engine with `cfg`.
+pub fn open(
+    path: &Path,
+    load: LoadOptions,
+    cfg: EngineConfig,
+) -> anyhow::Result<(Engine, Tokenizer)> {
+    let file = MappedGguf::open(path)?;
+    let tok = Tokenizer::for_model(&file.info, path)?;
+    let model = Model::load_with(file, load)?;
+    if tok.vocab_size() != model.hparams.n_vocab {
+        bail!(
+            "{}: the tokenizer has {} tokens but the embedding matrix has {} rows",
+            path.display(),
+            tok.vocab_size(),
+            model.hparams.n_vocab
+        );
+    }
+    Ok((Engine::new(model, cfg)?, tok))
 }
 
 /// The model, a CPU backend and the graph allocator.
@@ -122,6 +156,7 @@ pub struct Engine {
     backend: CpuBackend,
     allocator: GraphAllocator,
     cfg: EngineConfig,
+    n_ctx: usize,
     kv_shape: KvShape,
     attention: AttentionImpl,
 }
@@ -180,6 +215,7 @@ impl Engine {
             backend,
             allocator: GraphAllocator::new()?,
             cfg,
+            n_ctx,
             kv_shape,
             attention,
         })
@@ -208,6 +244,12 @@ impl Engine {
     /// The attention implementation in use.
     pub fn attention(&self) -> AttentionImpl {
         self.attention
+    }
+
+    /// The context length: the most positions one sequence is meant to use (with a window the
+    /// ring rolls past it; the daemon still limits each request to it).
+    pub fn n_ctx(&self) -> usize {
+        self.n_ctx
     }
 
     /// The attention window in effect (`None`: full attention).

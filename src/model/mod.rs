@@ -4,6 +4,7 @@
 //! - [`weights`]: the weight tensors, validated and placed in place in the memory map.
 //! - [`mistral`]: the forward pass as a ggml graph.
 
+pub mod bundled;
 pub mod hparams;
 pub mod mistral;
 pub mod synthetic;
