@@ -41,14 +41,13 @@ impl ChatTemplate {
         }
     }
 
-    /// The template of a loaded model: its `tokenizer.chat_template`, with the pieces of its
+    /// The template of a model file: its `tokenizer.chat_template`, with the pieces of its
     /// BOS and EOS tokens.
     pub fn for_model(
-        model: &crate::model::Model,
+        gguf: &crate::ggml::gguf::GgufFile,
         tok: &crate::tokenizer::Tokenizer,
     ) -> ChatTemplate {
-        let src = model
-            .gguf()
+        let src = gguf
             .get("tokenizer.chat_template")
             .and_then(|v| v.as_str())
             .map(str::to_string);
@@ -110,8 +109,8 @@ impl ChatTemplate {
         .map_err(|e| anyhow::anyhow!("chat template failed: {e}"))
     }
 
-    /// Mistral Instruct: `<s>[INST] u1 [/INST]a1</s>[INST] u2 [/INST]`; a system message is
-    /// prepended to the first user turn.
+    /// Mistral Instruct: `<s>[INST] u1 [/INST] a1</s>[INST] u2 [/INST]` (replies untrimmed);
+    /// a system message is prepended to the first user turn.
     fn render_mistral(&self, messages: &[ChatMessage]) -> String {
         let mut out = self.bos.clone();
         let mut system: Option<&str> = None;
@@ -126,7 +125,10 @@ impl ChatTemplate {
                     out.push_str(&format!("[INST] {} [/INST]", text.trim()));
                 }
                 _ => {
-                    out.push_str(m.content.trim());
+                    // As Mistral's own template: the reply as given (a leading space is part
+                    // of its first token), so a resent conversation tokenizes like the
+                    // original and continues from the prompt cache.
+                    out.push_str(&m.content);
                     out.push_str(&self.eos);
                 }
             }
@@ -146,13 +148,13 @@ mod tests {
             .render(&[
                 ChatMessage::new("system", "Be brief."),
                 ChatMessage::new("user", "Hi"),
-                ChatMessage::new("assistant", "Hello."),
+                ChatMessage::new("assistant", " Hello."),
                 ChatMessage::new("user", "Bye"),
             ])
             .unwrap();
         assert_eq!(
             s,
-            "<s>[INST] Be brief.\n\nHi [/INST]Hello.</s>[INST] Bye [/INST]"
+            "<s>[INST] Be brief.\n\nHi [/INST] Hello.</s>[INST] Bye [/INST]"
         );
     }
 

@@ -42,6 +42,13 @@ enum Command {
     /// Microbenchmark of decode attention (Mistral 7B shapes): every native kernel path
     /// against scalar and against ggml's flash_attn_ext.
     BenchAttention(BenchAttentionArgs),
+    /// Run the daemon: the HTTP API on a Unix socket (and optionally TCP), continuous
+    /// batching, prompt cache, plugins (see README, "The daemon").
+    #[cfg(feature = "daemon")]
+    Serve(crate::config::ServeFlags),
+    /// Print the default configuration file, or check one.
+    #[cfg(feature = "daemon")]
+    Config(crate::config::ConfigArgs),
     /// Check, try or benchmark a WASM plugin.
     #[cfg(feature = "plugins")]
     Plugin {
@@ -108,6 +115,7 @@ impl ModelArgs {
             sliding_window: self.sliding_window,
             ctx_size: self.ctx_size,
             batch_size: self.batch_size,
+            attention: self.attention,
             ..EngineConfig::default()
         };
         if let Some(t) = self.threads {
@@ -266,8 +274,14 @@ struct MakeModelArgs {
 
 /// Parses the command line and runs the command; returns the process exit code.
 pub fn main() -> i32 {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
     let cli = Cli::parse();
+    #[cfg(feature = "daemon")]
+    let serving = matches!(cli.command, Command::Serve(_));
+    #[cfg(not(feature = "daemon"))]
+    let serving = false;
+    if !serving {
+        env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
+    }
     match run(cli) {
         Ok(()) => 0,
         Err(e) => {
@@ -286,6 +300,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Info(a) => cmd_info(a),
         Command::MakeModel(a) => cmd_make_model(a),
         Command::BenchAttention(a) => cmd_bench_attention(a),
+        #[cfg(feature = "daemon")]
+        Command::Serve(flags) => crate::service::run(flags),
+        #[cfg(feature = "daemon")]
+        Command::Config(args) => crate::config::run_config_command(args),
         #[cfg(feature = "plugins")]
         Command::Plugin { cmd } => crate::plugins::command::run_command(cmd),
     }
@@ -299,7 +317,7 @@ fn cmd_generate(a: GenerateArgs) -> anyhow::Result<()> {
             msgs.push(ChatMessage::new("system", s));
         }
         msgs.push(ChatMessage::new("user", &a.prompt));
-        ChatTemplate::for_model(engine.model(), &tok).encode(&tok, &msgs)?
+        ChatTemplate::for_model(engine.model().gguf(), &tok).encode(&tok, &msgs)?
     } else {
         tok.encode_prompt(&a.prompt)?
     };
@@ -526,7 +544,7 @@ fn cmd_info(a: InfoArgs) -> anyhow::Result<()> {
     );
     println!(
         "chat template:   {}",
-        if ChatTemplate::for_model(engine.model(), &tok).is_model_template() {
+        if ChatTemplate::for_model(engine.model().gguf(), &tok).is_model_template() {
             "from the model"
         } else {
             "Mistral Instruct (built in)"

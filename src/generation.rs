@@ -159,7 +159,7 @@ impl Generation {
         Ok(Generation {
             params: params.clone(),
             sampler,
-            stream: StreamDecoder::default(),
+            stream: StreamDecoder::with_context(prompt.last().copied()),
             stops: StopMatcher::new(&params.stop),
             tokens: Vec::new(),
             finish: if params.max_tokens == 0 {

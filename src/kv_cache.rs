@@ -32,6 +32,15 @@ impl KvType {
         }
     }
 
+    /// The name used in configuration and logs (`f32`, `f16`, `q8_0`).
+    pub fn name(self) -> &'static str {
+        match self {
+            KvType::F32 => "f32",
+            KvType::F16 => "f16",
+            KvType::Q8_0 => "q8_0",
+        }
+    }
+
     /// Parses `f32`, `f16` or `q8_0`.
     pub fn parse(s: &str) -> Option<KvType> {
         match s.to_ascii_lowercase().as_str() {

@@ -380,6 +380,21 @@ impl BoundStreamDecoder<'_> {
 }
 
 impl StreamDecoder {
+    /// A decoder whose text continues `context` (the prompt's last token): the first piece
+    /// keeps its leading space ("is" + " to"), so prompt and output concatenate as the model
+    /// meant, as OpenAI's completions do. Without context (or when it is a control token) the
+    /// first piece's leading space is dropped, as SentencePiece decoding does.
+    pub fn with_context(context: Option<u32>) -> StreamDecoder {
+        match context {
+            Some(id) => StreamDecoder {
+                ids: vec![id],
+                prefix: 0,
+                read: 1,
+            },
+            None => StreamDecoder::default(),
+        }
+    }
+
     /// Adds a token; returns the text it completes (possibly empty).
     pub fn push(&mut self, tok: &Tokenizer, id: u32) -> anyhow::Result<String> {
         self.ids.push(id);

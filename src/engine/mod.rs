@@ -5,6 +5,10 @@
 //! share one read of the weights. [`Engine::feed`] splits a long input of one sequence into
 //! chunks no larger than the batch size or the cache ring.
 
+pub mod prompt_cache;
+#[cfg(feature = "daemon")]
+pub mod scheduler;
+
 use crate::ggml::{Context, CpuBackend, GraphAllocator};
 use crate::kernels::Kernel;
 use crate::kv_cache::{AttnPlan, KvCache, KvShape, KvType};

@@ -1,0 +1,340 @@
+//! `mistrald serve`: the daemon's wiring.
+//!
+//! 1. Configuration: the TOML file and the flags, checked completely before anything is bound.
+//! 2. Logging (plain lines; syslog priority prefixes when stderr goes to the journal).
+//! 3. The plugin host (a `required` plugin that cannot load stops the start).
+//! 4. The Unix socket (and the optional TCP listener) start serving at once: `/health` says
+//!    503 while the model loads on the engine thread, 200 once the scheduler runs.
+//! 5. Signals: SIGHUP reloads limits and plugins from the configuration file (an invalid file
+//!    is logged and the old settings stay); SIGTERM/SIGINT stop accepting, let requests in
+//!    flight finish for `shutdown_grace` seconds, end the rest (streams get a final error
+//!    event), remove the socket and exit 0.
+
+use crate::api::{http, socket, ReadyParts, Service, ServiceLimits};
+use crate::chat::ChatTemplate;
+use crate::config::{ServeConfig, ServeFlags};
+use crate::engine::prompt_cache::PromptCacheConfig;
+use crate::engine::scheduler::{self, SchedulerConfig, SchedulerHandle};
+use crate::engine::Engine;
+use crate::metrics::Metrics;
+use crate::model::bundled::resolve_model;
+use crate::model::{MappedGguf, Model};
+use crate::plugins::PluginHost;
+use crate::tokenizer::Tokenizer;
+use anyhow::Context as _;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::watch;
+
+/// Runs the daemon until SIGTERM or SIGINT; `Ok` after a clean shutdown.
+pub fn run(flags: ServeFlags) -> anyhow::Result<()> {
+    let (config, file) = ServeConfig::from_flags(&flags)?;
+    let gid = config.socket_gid()?;
+    init_logging(config.server.log_level.filter());
+    match &file {
+        Some(f) => log::info!("configuration: {}", f.display()),
+        None => log::info!("configuration: defaults (no configuration file)"),
+    }
+    let model_path = resolve_model(config.model.path.as_deref(), |p| {
+        log::info!(
+            "no model configured; using the bundled model {}",
+            p.display()
+        )
+    })?;
+    std::fs::metadata(&model_path)
+        .with_context(|| format!("cannot read the model file {}", model_path.display()))?;
+    let (host, report) =
+        PluginHost::new(config.plugins.clone()).map_err(|e| anyhow::anyhow!("plugins: {e}"))?;
+    log_plugins(&host, &report);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("mistrald-io")
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(serve(config, flags, model_path, Arc::new(host), gid))
+}
+
+/// The limits of the configuration.
+pub fn limits_of(config: &ServeConfig) -> ServiceLimits {
+    ServiceLimits {
+        max_body_bytes: usize::try_from(config.server.max_body_bytes).unwrap_or(usize::MAX),
+        default_max_tokens: config.limits.default_max_tokens,
+        max_tokens_limit: config.limits.max_tokens,
+        max_stop_strings: config.limits.max_stop_strings,
+    }
+}
+
+async fn serve(
+    config: ServeConfig,
+    flags: ServeFlags,
+    model_path: PathBuf,
+    plugins: Arc<PluginHost>,
+    gid: Option<u32>,
+) -> anyhow::Result<()> {
+    let metrics = Arc::new(Metrics::new());
+    let service = Service::new(
+        &model_path,
+        Some(plugins.clone()),
+        limits_of(&config),
+        metrics.clone(),
+    );
+    // Signals first, so a SIGTERM while loading is handled too.
+    let mut hup = signal(SignalKind::hangup()).context("cannot handle SIGHUP")?;
+    let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
+
+    let socket_path = config.socket_path();
+    let (listener, guard) = socket::bind_unix_socket(&socket_path, config.socket_mode(), gid)?;
+    let tcp = match config.server.listen {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen on {addr}"))?,
+        ),
+        None => None,
+    };
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let stopped = |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let mut servers = Vec::new();
+    servers.push(tokio::spawn(http::serve_unix(
+        listener,
+        service.clone(),
+        stopped(stop_rx.clone()),
+    )));
+    log::info!(
+        "listening on {} (mode {:o})",
+        socket_path.display(),
+        config.socket_mode()
+    );
+    if let Some(tcp) = tcp {
+        log::info!("listening on http://{}", tcp.local_addr()?);
+        servers.push(tokio::spawn(http::serve_tcp(
+            tcp,
+            service.clone(),
+            stopped(stop_rx.clone()),
+        )));
+    }
+
+    let loading = tokio::task::spawn_blocking({
+        let config = config.clone();
+        let metrics = metrics.clone();
+        let model_path = model_path.clone();
+        move || load(&config, &model_path, metrics)
+    });
+    tokio::pin!(loading);
+    let mut loaded = false;
+    let mut file_config = config;
+    let exit: anyhow::Result<()> = loop {
+        tokio::select! {
+            result = &mut loading, if !loaded => {
+                loaded = true;
+                match result {
+                    Ok(Ok(parts)) => service.set_ready(parts),
+                    Ok(Err(e)) => break Err(e),
+                    Err(e) => break Err(anyhow::anyhow!("model loading panicked: {e}")),
+                }
+            }
+            _ = hup.recv() => {
+                if let Some(new) = reload(&service, &plugins, &flags) {
+                    file_config = new;
+                }
+            }
+            _ = term.recv() => { log::info!("SIGTERM: shutting down"); break Ok(()); }
+            _ = int.recv() => { log::info!("SIGINT: shutting down"); break Ok(()); }
+        }
+    };
+
+    // Stop accepting; let requests in flight finish within the grace period.
+    service.begin_shutdown();
+    let _ = stop_tx.send(true);
+    if let Some(scheduler) = service.scheduler() {
+        let grace = file_config.shutdown_grace();
+        let deadline = Instant::now() + grace;
+        let idle = |s: &SchedulerHandle| {
+            let st = s.stats();
+            st.active == 0 && st.queued == 0
+        };
+        while !idle(&scheduler) && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        if !idle(&scheduler) {
+            log::warn!(
+                "ending the requests still running after the {:.0} s grace period",
+                grace.as_secs_f64()
+            );
+        }
+        scheduler.abort_all("the server is shutting down");
+        let join = scheduler.clone();
+        let _ = tokio::task::spawn_blocking(move || join.join()).await;
+    }
+    for s in servers {
+        match tokio::time::timeout(Duration::from_secs(5), s).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(e))) => log::warn!("a listener ended with an error: {e}"),
+            Ok(Err(e)) => log::warn!("a listener task failed: {e}"),
+            Err(_) => log::warn!("connections still open after shutdown; closing them"),
+        }
+    }
+    drop(guard);
+    match &exit {
+        Ok(()) => log::info!("stopped"),
+        Err(e) => log::error!("{e:#}"),
+    }
+    exit
+}
+
+/// Loads the model on the engine thread and starts the scheduler.
+fn load(
+    config: &ServeConfig,
+    model_path: &Path,
+    metrics: Arc<Metrics>,
+) -> anyhow::Result<ReadyParts> {
+    let t0 = Instant::now();
+    let file = MappedGguf::open(model_path)?;
+    let tokenizer = Arc::new(Tokenizer::for_model(&file.info, model_path)?);
+    let template = ChatTemplate::for_model(&file.info, &tokenizer);
+    drop(file);
+    let engine_cfg = config.engine_config();
+    let load_options = config.load_options();
+    let n_vocab = tokenizer.vocab_size();
+    let path = model_path.to_path_buf();
+    let sched_cfg = SchedulerConfig {
+        parallel: config.server.parallel,
+        queue_capacity: config.server.queue_size,
+        step_tokens: config.model.batch_size,
+        max_context: usize::MAX,
+        prompt_cache: PromptCacheConfig {
+            max_entries: config.prompt_cache.entries,
+            max_bytes: usize::try_from(config.prompt_cache.max_mib << 20).unwrap_or(usize::MAX),
+        },
+    };
+    let (scheduler, info) = scheduler::start(
+        move || {
+            let model = Model::load_with(MappedGguf::open(&path)?, load_options)?;
+            anyhow::ensure!(
+                model.hparams.n_vocab == n_vocab,
+                "{}: the tokenizer has {n_vocab} tokens but the embedding matrix has {} rows",
+                path.display(),
+                model.hparams.n_vocab
+            );
+            Engine::new(model, engine_cfg)
+        },
+        tokenizer.clone(),
+        sched_cfg.clone(),
+        metrics,
+    )?;
+    let mib = |b: usize| b as f64 / 1048576.0;
+    let per_seq = info.kv_bytes_per_sequence;
+    let cache_bytes =
+        (sched_cfg.prompt_cache.max_entries * per_seq).min(sched_cfg.prompt_cache.max_bytes);
+    log::info!(
+        "model {} loaded in {:.2} s: window {}, context {} per request, {} threads, attention {}",
+        model_path.display(),
+        t0.elapsed().as_secs_f64(),
+        info.window
+            .map_or("none (full attention)".to_string(), |w| w.to_string()),
+        info.max_context,
+        info.n_threads,
+        info.attention
+    );
+    log::info!(
+        "KV cache: {:.1} MiB per sequence ({}), {} sequences at once + prompt cache of {} entries: at most {:.1} MiB in all",
+        mib(per_seq),
+        config.model.kv_type.name(),
+        sched_cfg.parallel,
+        sched_cfg.prompt_cache.max_entries,
+        mib(sched_cfg.parallel * per_seq + cache_bytes)
+    );
+    log::info!(
+        "ready: {} parallel, queue of {}, step budget {} tokens",
+        sched_cfg.parallel,
+        sched_cfg.queue_capacity,
+        sched_cfg.step_tokens
+    );
+    Ok(ReadyParts {
+        scheduler,
+        tokenizer,
+        template,
+        window: info.window,
+        context: info.max_context,
+        kv_type: config.model.kv_type.name().to_string(),
+    })
+}
+
+/// SIGHUP: reads the configuration again and applies its limits and plugins. Settings that
+/// need a restart (model, sockets, threads, parallel…) are reported when they changed.
+fn reload(service: &Service, plugins: &PluginHost, flags: &ServeFlags) -> Option<ServeConfig> {
+    log::info!("SIGHUP: reloading the configuration");
+    let config = match ServeConfig::from_flags(flags) {
+        Ok((c, _)) => c,
+        Err(e) => {
+            log::error!("reload refused, keeping the running configuration: {e}");
+            return None;
+        }
+    };
+    match plugins.reload_with(config.plugins.clone()) {
+        Ok(report) => log_plugins(plugins, &report),
+        Err(e) => {
+            log::error!("plugin reload failed, keeping the running plugins: {e}");
+            return None;
+        }
+    }
+    service.set_limits(limits_of(&config));
+    log::info!("reloaded: limits and plugins");
+    Some(config)
+}
+
+fn log_plugins(host: &PluginHost, report: &crate::plugins::LoadReport) {
+    let chain = host.chain();
+    let names: Vec<String> = chain
+        .plugins()
+        .into_iter()
+        .map(|(name, info)| format!("{name} {}", info.version))
+        .collect();
+    if names.is_empty() {
+        log::info!("plugins: none");
+    } else {
+        log::info!("plugins: {}", names.join(", "));
+    }
+    for skipped in &report.skipped {
+        log::warn!("plugin left out: {skipped}");
+    }
+}
+
+/// Logging for a service: `RUST_LOG` when set, else `level`. Plain lines; under systemd
+/// (`JOURNAL_STREAM` set) each line starts with its syslog priority (`<3>` … `<7>`) so the
+/// journal records levels, and without timestamps (the journal adds its own).
+pub fn init_logging(level: log::LevelFilter) {
+    let journal = std::env::var_os("JOURNAL_STREAM").is_some();
+    let mut builder = env_logger::Builder::new();
+    builder.filter_level(level);
+    if let Ok(spec) = std::env::var("RUST_LOG") {
+        builder.parse_filters(&spec);
+    }
+    builder.format(move |buf, record| {
+        if journal {
+            let priority = match record.level() {
+                log::Level::Error => 3,
+                log::Level::Warn => 4,
+                log::Level::Info => 6,
+                log::Level::Debug | log::Level::Trace => 7,
+            };
+            writeln!(buf, "<{priority}>{}", record.args())
+        } else {
+            writeln!(
+                buf,
+                "{} {:5} {}",
+                buf.timestamp_millis(),
+                record.level(),
+                record.args()
+            )
+        }
+    });
+    let _ = builder.try_init();
+}
