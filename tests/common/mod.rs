@@ -1,6 +1,8 @@
 //! Shared test helpers: synthetic model files and an independent reference forward pass.
 #![allow(dead_code)]
 
+#[cfg(feature = "daemon")]
+pub mod daemon;
 #[cfg(feature = "plugins")]
 pub mod plugins;
 pub mod reference;
