@@ -334,6 +334,7 @@ fn cmd_generate(a: GenerateArgs) -> anyhow::Result<()> {
             ..SamplerConfig::default()
         },
         logprobs: None,
+        ignore_eos: false,
     };
     let mut seq = engine.new_sequence()?;
     let stdout = std::io::stdout();
@@ -403,24 +404,7 @@ fn cmd_eval(a: EvalArgs) -> anyhow::Result<()> {
     let t0 = Instant::now();
     let logits = engine.feed(&mut seq, &ids, Logits::All)?;
     let seconds = t0.elapsed().as_secs_f64();
-    let mut nll = 0f64;
-    for (i, next) in ids.iter().skip(1).enumerate() {
-        let row = &logits[i * n_vocab..(i + 1) * n_vocab];
-        let max = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
-        let lse = max
-            + row
-                .iter()
-                .map(|&l| (l as f64 - max).exp())
-                .sum::<f64>()
-                .ln();
-        nll += lse - row[*next as usize] as f64;
-    }
-    let n_pred = ids.len().saturating_sub(1);
-    let ppl = if n_pred > 0 {
-        (nll / n_pred as f64).exp()
-    } else {
-        f64::NAN
-    };
+    let ppl = crate::sampler::perplexity(&logits, &ids, n_vocab);
     if let Some(path) = &a.dump_logits {
         let mut bytes = Vec::with_capacity(logits.len() * 4);
         logits.iter().for_each(|v| bytes.extend(v.to_le_bytes()));

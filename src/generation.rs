@@ -17,6 +17,8 @@ pub struct GenerationParams {
     /// `Some(k)`: compute each sampled token's log-probability and the `k` most likely
     /// alternatives.
     pub logprobs: Option<usize>,
+    /// Treat the end-of-sequence token like any other (benchmarks that need a fixed length).
+    pub ignore_eos: bool,
 }
 
 /// Why generation ended.
@@ -185,7 +187,7 @@ impl Generation {
                 top,
             }
         });
-        if Some(token) == tok.eos() {
+        if Some(token) == tok.eos() && !self.params.ignore_eos {
             let text = self.flush(tok)?;
             return Ok(self.end(token, text, prob, FinishReason::Eos));
         }

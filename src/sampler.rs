@@ -243,6 +243,29 @@ pub fn log_probs(logits: &[f32], token: u32, k: usize) -> (f32, Vec<(u32, f32)>)
     (chosen, top.into_iter().map(|(i, l)| (i, lp(l))).collect())
 }
 
+/// Perplexity of `ids` under `logits` (row `i` of `[ids.len()][n_vocab]` predicts `ids[i + 1]`):
+/// `exp` of the mean negative log-likelihood of every token after the first (NaN for fewer
+/// than two tokens).
+pub fn perplexity(logits: &[f32], ids: &[u32], n_vocab: usize) -> f64 {
+    let mut nll = 0f64;
+    for (row, &next) in logits.chunks(n_vocab).zip(ids.iter().skip(1)) {
+        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+        let lse = max
+            + row
+                .iter()
+                .map(|&l| (l as f64 - max).exp())
+                .sum::<f64>()
+                .ln();
+        nll += lse - row[next as usize] as f64;
+    }
+    let n_pred = ids.len().saturating_sub(1);
+    if n_pred > 0 {
+        (nll / n_pred as f64).exp()
+    } else {
+        f64::NAN
+    }
+}
+
 /// Index of the largest logit.
 pub fn argmax(logits: &[f32]) -> u32 {
     logits

@@ -67,6 +67,7 @@ fn greedy(max_tokens: usize) -> GenerationParams {
         stop: Vec::new(),
         sampler: SamplerConfig::greedy(),
         logprobs: None,
+        ignore_eos: false,
     }
 }
 

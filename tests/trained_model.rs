@@ -76,6 +76,7 @@ fn greedy(
         stop: Vec::new(),
         sampler: SamplerConfig::greedy(),
         logprobs: None,
+        ignore_eos: false,
     };
     let mut seq = engine.new_sequence().unwrap();
     let mut text = String::new();
@@ -169,19 +170,7 @@ fn perplexity(engine: &mut Engine, ids: &[u32], chunk: usize) -> f64 {
     for part in ids.chunks(chunk) {
         logits.extend(engine.feed(&mut seq, part, Logits::All).unwrap());
     }
-    let mut nll = 0f64;
-    for (i, &next) in ids.iter().enumerate().skip(1) {
-        let row = &logits[(i - 1) * n_vocab..i * n_vocab];
-        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
-        let lse = max
-            + row
-                .iter()
-                .map(|&l| (l as f64 - max).exp())
-                .sum::<f64>()
-                .ln();
-        nll += lse - row[next as usize] as f64;
-    }
-    (nll / (ids.len() - 1) as f64).exp()
+    mistrald::sampler::perplexity(&logits, ids, n_vocab)
 }
 
 #[test]
@@ -240,5 +229,39 @@ fn bundled_q8_0_model_stays_close_to_the_f16_original() {
     assert!(
         ((p8 - p16) / p16).abs() < 0.02,
         "perplexity Q8_0 {p8} vs F16 {p16}"
+    );
+}
+
+#[test]
+fn ignore_eos_generates_past_the_end_of_sequence_token() {
+    let (mut engine, tok) = open(&data("fortunes-22m-f16.gguf"), KvType::F32, 512);
+    let case = &reference_cases()[0];
+    assert_eq!(
+        case.greedy_tokens.last(),
+        Some(&2),
+        "the reference ends at </s>"
+    );
+    let params = GenerationParams {
+        max_tokens: case.greedy_tokens.len() + 4,
+        stop: Vec::new(),
+        sampler: SamplerConfig::greedy(),
+        logprobs: Some(3),
+        ignore_eos: true,
+    };
+    let mut seq = engine.new_sequence().unwrap();
+    let stats = generate(
+        &mut engine,
+        &tok,
+        &mut seq,
+        &case.prompt_tokens,
+        &params,
+        |_| true,
+    )
+    .unwrap();
+    assert_eq!(stats.finish, FinishReason::Length);
+    assert_eq!(stats.tokens.len(), case.greedy_tokens.len() + 4);
+    assert_eq!(
+        &stats.tokens[..case.greedy_tokens.len()],
+        &case.greedy_tokens[..]
     );
 }

@@ -63,6 +63,8 @@ pub struct ApiRequest {
     pub logprobs: Option<usize>,
     /// Whether the client receives the output as a stream (plugins see this).
     pub stream: bool,
+    /// Keep generating past the end-of-sequence token (benchmarks; llama.cpp's extension).
+    pub ignore_eos: bool,
     /// Who sent it.
     pub peer: Peer,
 }

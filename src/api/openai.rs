@@ -39,7 +39,9 @@
 //! `temperature` (0..=2), `top_p` (0 exclusive ..= 1), `seed` (u64), `stop` (a string or up to
 //! the configured number of strings, none empty), `presence_penalty` / `frequency_penalty`
 //! (-2..=2), `n` (1 only), `stream`, `stream_options.include_usage`, and the extensions `top_k`
-//! (≥ 0, 0: off), `min_p` (0..=1) and `repeat_penalty` (0 exclusive ..= 10).
+//! (≥ 0, 0: off), `min_p` (0..=1), `repeat_penalty` (0 exclusive ..= 10) and `ignore_eos`
+//! (bool, as llama.cpp's server: keep generating past the end-of-sequence token; for
+//! benchmarks).
 //!
 //! Chat: `messages` (roles `system`, `user`, `assistant`; `developer` is taken as `system`;
 //! content a string or an array of `{"type": "text", "text": …}` parts, joined with newlines;
@@ -196,6 +198,7 @@ pub fn parse_request(
     };
 
     let stream = f.bool("stream")?.unwrap_or(false);
+    let ignore_eos = f.bool("ignore_eos")?.unwrap_or(false);
     let include_usage = match f.get("stream_options") {
         None => false,
         Some(Value::Object(o)) => Fields {
@@ -216,6 +219,7 @@ pub fn parse_request(
             sampler,
             logprobs,
             stream,
+            ignore_eos,
             peer,
         },
         include_usage,

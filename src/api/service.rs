@@ -333,6 +333,7 @@ impl Service {
             stop: req.stop.clone(),
             sampler: req.sampler.clone(),
             logprobs: req.logprobs,
+            ignore_eos: req.ignore_eos,
         })
     }
 
