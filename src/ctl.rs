@@ -8,12 +8,14 @@
 //! | `mistralctl chat [--system TEXT] [OPTIONS]` | interactive chat: each line a user message, the whole history sent each turn (so the daemon's prompt cache continues it); `/reset` clears it, `/quit` or EOF ends |
 //! | `mistralctl status [--json]` | the daemon's `/v1/status`, readable or raw |
 //! | `mistralctl models` | the served model ids, one per line |
+//! | `mistralctl bench [--streams 1,2,4,8] [--prompt-tokens P] [--gen-tokens G] [--json] …` | the serving benchmark ([`bench`]): aggregate decode rate of concurrent streams, time to first token idle and under load, follow-up time to first token with and without the prompt cache; also against llama.cpp's `llama-server` with `--url` |
 //!
 //! OPTIONS: `--max-tokens N --temperature T --top-p P --top-k K --min-p P --repeat-penalty R
 //! --seed S --stop TEXT… --no-stream --usage` (`--usage`: token counts and the finish reason on
 //! stderr). The socket is `--socket PATH`, else `$MISTRALD_SOCKET`, else
 //! `$XDG_RUNTIME_DIR/mistrald.sock` (when set and not root), else `/run/mistrald/mistrald.sock`
-//! ([`default_socket_path`]).
+//! ([`default_socket_path`]); or `--url http://HOST:PORT` talks plain HTTP over TCP to that
+//! address instead (any OpenAI-compatible server, e.g. llama.cpp's `llama-server`).
 //!
 //! Exit codes ([`exit`]):
 //!
@@ -22,16 +24,18 @@
 //! | 0 | success (a `length` finish only adds a note on stderr) |
 //! | 1 | the daemon answered with an error, the stream failed, or a plugin refused the output (`content_filter`); the message goes to stderr as `mistralctl: …` |
 //! | 2 | usage error (clap's) |
-//! | 3 | cannot connect to the socket |
+//! | 3 | cannot connect to the socket (or the `--url` address) |
 //! | 4 | the daemon is busy (503 with `Retry-After`; the suggested wait is printed) |
 //! | 130 | interrupted by Ctrl-C (the connection is dropped, which cancels the request) |
 
+pub mod bench;
 mod client;
 pub mod sse;
 #[cfg(test)]
 mod tests;
 
 use clap::{Args, Parser, Subcommand};
+pub use client::HttpUrl;
 use client::{Client, CtlError};
 use serde_json::{json, Value};
 use std::future::Future;
@@ -64,14 +68,16 @@ Command-line client of the mistrald daemon: talks to its OpenAI-compatible HTTP 
 Unix socket.
 
 The socket is --socket PATH, else $MISTRALD_SOCKET, else $XDG_RUNTIME_DIR/mistrald.sock (when \
-XDG_RUNTIME_DIR is set and the user is not root), else /run/mistrald/mistrald.sock.
+XDG_RUNTIME_DIR is set and the user is not root), else /run/mistrald/mistrald.sock. \
+--url http://HOST:PORT talks plain HTTP over TCP to that address instead (any OpenAI-compatible \
+server, such as llama.cpp's llama-server).
 
 Exit status:
   0    success (a reply cut at the token limit only adds a note on stderr)
   1    the daemon answered with an error, the stream failed, or a plugin refused the output
        (finish reason content_filter)
   2    usage error
-  3    cannot connect to the daemon's socket
+  3    cannot connect to the daemon's socket (or the --url address)
   4    the daemon is busy (503 with Retry-After): try again after the printed wait
   130  interrupted by Ctrl-C (the request is cancelled)";
 
@@ -88,9 +94,33 @@ pub struct Cli {
     /// when not root, else /run/mistrald/mistrald.sock]
     #[arg(long, global = true, value_name = "PATH")]
     pub socket: Option<PathBuf>,
+    /// Talk plain HTTP over TCP to this address instead of the socket: http://HOST:PORT (no
+    /// TLS; for llama.cpp's llama-server and other OpenAI-compatible servers)
+    #[arg(
+        long,
+        global = true,
+        value_name = "URL",
+        value_parser = HttpUrl::parse,
+        conflicts_with = "socket"
+    )]
+    pub url: Option<HttpUrl>,
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
+}
+
+impl Cli {
+    /// `self`, or the usage error clap cannot find itself: `--socket` and `--url` given on
+    /// different levels (`mistralctl --socket S bench --url U`).
+    pub fn checked(self) -> Result<Cli, clap::Error> {
+        if self.socket.is_some() && self.url.is_some() {
+            return Err(<Cli as clap::CommandFactory>::command().error(
+                clap::error::ErrorKind::ArgumentConflict,
+                "the argument '--socket <PATH>' cannot be used with '--url <URL>'",
+            ));
+        }
+        Ok(self)
+    }
 }
 
 /// The subcommands.
@@ -112,6 +142,14 @@ pub enum Command {
     },
     /// List the served models, one id per line
     Models,
+    /// Benchmark the server: concurrent decode rate, time to first token, prompt cache
+    ///
+    /// Every request is a streamed POST /v1/completions (temperature 0, ignore_eos, the token
+    /// counts from usage), so mistrald and llama.cpp's llama-server (--url) get exactly the same
+    /// requests. Prompts are common English words, each request's starting differently, so no
+    /// prompt cache helps except where the follow-up phase means it to. Progress goes to stderr,
+    /// the results to stdout (a table, or one JSON object with --json).
+    Bench(bench::BenchArgs),
 }
 
 /// `mistralctl generate`.
@@ -235,7 +273,7 @@ fn socket_path_from(
 /// Entry point of `mistralctl`: parses the command line, runs the command and returns the
 /// process exit code (see [`exit`]).
 pub fn main() -> i32 {
-    let cli = match Cli::try_parse() {
+    let cli = match Cli::try_parse().and_then(Cli::checked) {
         Ok(cli) => cli,
         Err(e) => {
             let _ = e.print();
@@ -299,12 +337,16 @@ struct Term<'a> {
 
 /// Runs a parsed command line; returns the exit code.
 async fn run(cli: Cli, term: &mut Term<'_>) -> i32 {
-    let client = Client::new(cli.socket.clone().unwrap_or_else(default_socket_path));
+    let client = match cli.url.clone() {
+        Some(url) => Client::tcp(url),
+        None => Client::new(cli.socket.clone().unwrap_or_else(default_socket_path)),
+    };
     let result = match cli.command {
         Command::Generate(args) => generate(&client, &args, term).await,
         Command::Chat(args) => chat(&client, &args, term).await,
         Command::Status { json } => status(&client, json, term).await,
         Command::Models => models(&client, term).await,
+        Command::Bench(args) => bench::bench(&client, &args, term).await,
     };
     match result {
         Ok(()) => exit::OK,
@@ -593,7 +635,7 @@ async fn chat(client: &Client, args: &ChatArgs, term: &mut Term<'_>) -> Result<(
         let _ = writeln!(
             term.err,
             "mistralctl chat ({}): /reset clears the conversation, /quit or Ctrl-D ends it",
-            client.socket().display()
+            client.endpoint()
         );
     }
     loop {

@@ -1,5 +1,6 @@
-//! HTTP/1.1 over the daemon's Unix socket, one connection per request, with hyper's client
-//! connection API; and the errors of `mistralctl` with their exit codes.
+//! HTTP/1.1 over the daemon's Unix socket (or plain TCP to an `http://HOST:PORT` URL, for
+//! other servers such as llama.cpp's `llama-server`), one connection per request, with hyper's
+//! client connection API; and the errors of `mistralctl` with their exit codes.
 
 use super::exit;
 use http_body_util::{BodyExt, Full};
@@ -9,15 +10,17 @@ use hyper::{header, Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use std::fmt;
 use std::io;
-use std::path::{Path, PathBuf};
+use std::net::Ipv6Addr;
+use std::path::PathBuf;
+use tokio::io::{AsyncRead, AsyncWrite};
 
 /// Why a command failed; each maps to an exit code ([`CtlError::exit_code`]).
 #[derive(Debug)]
 pub(crate) enum CtlError {
-    /// The socket could not be connected to (exit 3).
+    /// The socket (or TCP address) could not be connected to (exit 3).
     Connect {
-        /// The socket.
-        socket: PathBuf,
+        /// The socket or URL.
+        endpoint: Endpoint,
         /// Why.
         source: io::Error,
     },
@@ -64,14 +67,16 @@ impl CtlError {
     /// nothing should be printed (Ctrl-C, a closed stdout pipe).
     pub(crate) fn message(&self) -> Option<String> {
         Some(match self {
-            CtlError::Connect { socket, source } => {
-                let hint = match source.kind() {
-                    io::ErrorKind::PermissionDenied => "check the socket's permissions",
-                    _ => "is mistrald running?",
+            CtlError::Connect { endpoint, source } => {
+                let hint = match (source.kind(), endpoint) {
+                    (io::ErrorKind::PermissionDenied, Endpoint::Unix(_)) => {
+                        "check the socket's permissions"
+                    }
+                    (_, Endpoint::Unix(_)) => "is mistrald running?",
+                    (_, Endpoint::Tcp(_)) => "is the server running?",
                 };
                 format!(
-                    "cannot connect to {}: {} — {hint}",
-                    socket.display(),
+                    "cannot connect to {endpoint}: {} — {hint}",
                     io_message(source)
                 )
             }
@@ -114,21 +119,155 @@ fn io_message(e: &io::Error) -> String {
     }
 }
 
-/// A client of the daemon at one socket path.
+/// A plain-HTTP base URL, `http://HOST[:PORT][/]` (`--url`): the server is reached over TCP
+/// at exactly that address (no TLS, no proxy); the API paths (`/v1/…`) are appended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HttpUrl {
+    /// A host name, an IPv4 address, or an IPv6 address (without its brackets).
+    host: String,
+    port: u16,
+}
+
+impl HttpUrl {
+    /// Parses `http://HOST[:PORT][/]` (port 80 when left out); anything else (another scheme,
+    /// a path, a query, user information, a malformed host or port) is an error that says why.
+    pub fn parse(text: &str) -> Result<HttpUrl, String> {
+        let text = text.trim();
+        let rest = match text.split_once("://") {
+            Some((scheme, rest)) if scheme.eq_ignore_ascii_case("http") => rest,
+            Some((scheme, _)) if scheme.eq_ignore_ascii_case("https") => {
+                return Err("https is not supported: use a plain http:// URL".into())
+            }
+            Some((scheme, _)) => {
+                return Err(format!(
+                    "unsupported scheme '{scheme}': expected http://HOST:PORT"
+                ))
+            }
+            None => return Err("expected http://HOST:PORT".into()),
+        };
+        let (authority, path) = match rest.find(['/', '?', '#']) {
+            Some(i) => rest.split_at(i),
+            None => (rest, ""),
+        };
+        if !path.is_empty() && path != "/" {
+            return Err(format!(
+                "the URL must not have a path, query or fragment ('{path}'): the API paths are added to http://HOST:PORT"
+            ));
+        }
+        if authority.contains('@') {
+            return Err("user information in the URL is not supported".into());
+        }
+        let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
+            let (addr, after) = v6
+                .split_once(']')
+                .ok_or("unclosed '[' in the URL's IPv6 address")?;
+            addr.parse::<Ipv6Addr>()
+                .map_err(|_| format!("'{addr}' is not an IPv6 address"))?;
+            let port = match after {
+                "" => None,
+                _ => Some(
+                    after
+                        .strip_prefix(':')
+                        .ok_or("expected ':PORT' after ']'")?,
+                ),
+            };
+            (addr, port)
+        } else {
+            match authority.rsplit_once(':') {
+                Some((host, port)) => (host, Some(port)),
+                None => (authority, None),
+            }
+        };
+        // An IPv6 address was checked above; names and IPv4 addresses have no colon.
+        let valid_host = !host.is_empty()
+            && (authority.starts_with('[')
+                || host
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.'));
+        if !valid_host {
+            return Err(format!("'{host}' is not a host name or address"));
+        }
+        let port = match port {
+            None => 80,
+            Some(text) => match text.parse::<u16>() {
+                Ok(port) if port > 0 && text.bytes().all(|b| b.is_ascii_digit()) => port,
+                _ => return Err(format!("'{text}' is not a port number (1-65535)")),
+            },
+        };
+        Ok(HttpUrl {
+            host: host.to_ascii_lowercase(),
+            port,
+        })
+    }
+
+    /// The host (an IPv6 address without brackets).
+    pub fn host(&self) -> &str {
+        &self.host
+    }
+
+    /// The port.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// `HOST:PORT` as the `Host` header carries it (IPv6 in brackets).
+    pub fn authority(&self) -> String {
+        if self.host.contains(':') {
+            format!("[{}]:{}", self.host, self.port)
+        } else {
+            format!("{}:{}", self.host, self.port)
+        }
+    }
+}
+
+impl fmt::Display for HttpUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "http://{}", self.authority())
+    }
+}
+
+/// Where the server listens.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Endpoint {
+    /// The daemon's Unix socket.
+    Unix(PathBuf),
+    /// A TCP address (`--url`).
+    Tcp(HttpUrl),
+}
+
+impl fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Endpoint::Unix(path) => write!(f, "{}", path.display()),
+            Endpoint::Tcp(url) => write!(f, "{url}"),
+        }
+    }
+}
+
+/// A client of the daemon at one socket path, or of a server at one TCP address.
 #[derive(Clone, Debug)]
 pub(crate) struct Client {
-    socket: PathBuf,
+    endpoint: Endpoint,
 }
 
 impl Client {
+    /// A client of the daemon at this Unix socket.
     pub(crate) fn new(socket: impl Into<PathBuf>) -> Client {
         Client {
-            socket: socket.into(),
+            endpoint: Endpoint::Unix(socket.into()),
         }
     }
 
-    pub(crate) fn socket(&self) -> &Path {
-        &self.socket
+    /// A client of the server at this URL (plain HTTP over TCP).
+    pub(crate) fn tcp(url: HttpUrl) -> Client {
+        Client {
+            endpoint: Endpoint::Tcp(url),
+        }
+    }
+
+    /// Where the requests go.
+    pub(crate) fn endpoint(&self) -> &Endpoint {
+        &self.endpoint
     }
 
     /// `GET path`; an error status becomes an error.
@@ -159,24 +298,33 @@ impl Client {
         path: &str,
         body: Option<Vec<u8>>,
     ) -> Result<Reply, CtlError> {
-        let stream = tokio::net::UnixStream::connect(&self.socket)
-            .await
-            .map_err(|source| CtlError::Connect {
-                socket: self.socket.clone(),
-                source,
-            })?;
-        let (mut sender, connection) = http1::handshake::<_, Full<Bytes>>(TokioIo::new(stream))
-            .await
-            .map_err(|e| CtlError::Protocol(format!("HTTP handshake failed: {e}")))?;
-        let task = tokio::spawn(async move {
-            let _ = connection.await;
-        });
-        let guard = ConnectionGuard(task.abort_handle());
+        let connect_error = |source| CtlError::Connect {
+            endpoint: self.endpoint.clone(),
+            source,
+        };
+        let (mut sender, guard, host) = match &self.endpoint {
+            Endpoint::Unix(socket) => {
+                let stream = tokio::net::UnixStream::connect(socket)
+                    .await
+                    .map_err(connect_error)?;
+                let (sender, guard) = handshake(stream).await?;
+                (sender, guard, "localhost".to_string())
+            }
+            Endpoint::Tcp(url) => {
+                let stream = tokio::net::TcpStream::connect((url.host(), url.port()))
+                    .await
+                    .map_err(connect_error)?;
+                // Streamed tokens are small writes: do not let Nagle's algorithm delay them.
+                let _ = stream.set_nodelay(true);
+                let (sender, guard) = handshake(stream).await?;
+                (sender, guard, url.authority())
+            }
+        };
 
         let mut request = Request::builder()
             .method(method)
             .uri(path)
-            .header(header::HOST, "localhost");
+            .header(header::HOST, host);
         if body.is_some() {
             request = request.header(header::CONTENT_TYPE, "application/json");
         }
@@ -191,6 +339,23 @@ impl Client {
             _connection: guard,
         })
     }
+}
+
+/// The HTTP/1.1 handshake on a connected stream; the connection is driven by a task that the
+/// guard ends.
+async fn handshake<T>(
+    stream: T,
+) -> Result<(http1::SendRequest<Full<Bytes>>, ConnectionGuard), CtlError>
+where
+    T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (sender, connection) = http1::handshake::<_, Full<Bytes>>(TokioIo::new(stream))
+        .await
+        .map_err(|e| CtlError::Protocol(format!("HTTP handshake failed: {e}")))?;
+    let task = tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    Ok((sender, ConnectionGuard(task.abort_handle())))
 }
 
 /// A hyper error with its causes (`connection closed before message completed`, …).

@@ -1,0 +1,1617 @@
+//! `mistralctl bench`: the serving benchmark — the same streamed requests to mistrald (its Unix
+//! socket) and to llama.cpp's `llama-server` (`--url http://HOST:PORT`), so the two can be
+//! compared figure for figure (BENCHMARKS.md).
+//!
+//! Every request is `POST /v1/completions` with `stream: true`,
+//! `stream_options.include_usage: true`, `temperature: 0`, `max_tokens`, `ignore_eos: true`
+//! (both servers keep generating past an end-of-sequence token) and `cache_prompt` (llama-server's
+//! prompt-cache switch; mistrald ignores it; `--no-cache-field` leaves it out). The arrival time
+//! of every SSE chunk that carries text is recorded; token counts come from the last chunk's
+//! `usage` (else llama-server's `timings`, else one token per chunk).
+//!
+//! Prompts are common English words that are one token each in the Mistral vocabulary, so a
+//! prompt of `P` tokens is the BOS token and `P - 1` words. Each request's prompt starts with a
+//! different word (and goes on with its own pseudo-random words), so no two prompts of a run
+//! share a prefix and no prompt cache helps — except in the follow-up phase, where it is meant
+//! to.
+//!
+//! After one short warm-up request, the phases are:
+//!
+//! 1. **Aggregate decode rate**, for each N of `--streams`: N concurrent streams (`P`-token
+//!    prompts, `G` tokens each). The window in which all N were decoding runs from the latest
+//!    first chunk to the earliest last chunk; the aggregate rate is the tokens that arrived in
+//!    it (after its start, up to its end) over its length (`decode_window`). Also: each
+//!    stream's own decode rate (tokens after its first chunk over the time from its first to its
+//!    last chunk), averaged; the mean time to first token; the wall time; all tokens over the
+//!    wall time. When the streams did not all decode at once (a server with fewer slots than
+//!    streams), there is no window and no aggregate rate.
+//! 2. **Time to first token**: a new request (a `--ttft-prompt-tokens`-token prompt) on the idle
+//!    server, then the same kind of request sent while 4 streams (`4 G` tokens each) decode —
+//!    once each of them has received 3 chunks.
+//! 3. **Follow-up time to first token**: request A (a `--ttft-prompt-tokens`-token prompt, `G`
+//!    tokens), then B = A's prompt + A's reply + `--followup-tokens` new words, with
+//!    `cache_prompt: true` (the server may reuse A's tokens: `cached_tokens` is its count); and
+//!    the same shape of follow-up in a new conversation — a prompt that starts differently
+//!    and was never sent, with `cache_prompt: false` — where no cache can help (mistrald's
+//!    cache is keyed by tokens, so a new conversation is cold whatever the field says).
+//!
+//! The results go to stdout as a table, or with `--json` as one JSON object on one line
+//! (times in ms or s, rates in tokens/s; `null` where a figure does not exist or the server did
+//! not report it):
+//!
+//! ```text
+//! {"label", "server", "model", "prompt_tokens", "gen_tokens", "ttft_prompt_tokens",
+//!  "followup_tokens", "cache_field",
+//!  "streams": [{"streams", "aggregate_tok_s", "per_stream_tok_s", "window_s", "ttft_mean_ms",
+//!               "wall_s", "overall_tok_s", "completion_tokens"}, …],
+//!  "ttft_idle_ms", "ttft_under_load_ms", "load_streams", "load_streams_decoding",
+//!  "ttft_prompt_tokens_reported",
+//!  "followup_ttft_cached_ms", "followup_ttft_cold_ms", "followup_prompt_tokens_reported",
+//!  "cached_tokens", "cached_tokens_cold"}
+//! ```
+//!
+//! Progress goes to stderr. Errors (cannot connect, an HTTP error, 503, a broken stream) end
+//! the run with the exit code of every `mistralctl` command.
+
+use super::client::{Client, CtlError};
+use super::sse::SseParser;
+use super::Term;
+use clap::Args;
+use futures_util::future::try_join_all;
+use serde_json::{json, Value};
+use std::fmt::Write as _;
+use std::io::Write;
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+
+/// The endpoint every request goes to.
+const COMPLETIONS: &str = "/v1/completions";
+
+/// Streams decoding while the time to first token under load is measured.
+const LOAD_STREAMS: usize = 4;
+
+/// Chunks each load stream must have received before the new request is sent.
+const LOAD_CHUNKS: usize = 3;
+
+/// `mistralctl bench`.
+#[derive(Clone, Debug, Args)]
+pub struct BenchArgs {
+    /// Numbers of concurrent streams for the aggregate decode rate, comma-separated
+    #[arg(
+        long,
+        value_name = "N,…",
+        value_delimiter = ',',
+        default_value = "1,2,4,8",
+        value_parser = clap::value_parser!(u64).range(1..=256)
+    )]
+    pub streams: Vec<u64>,
+    /// Prompt length of the concurrent streams, in tokens (about: BOS and one-token words)
+    #[arg(long, value_name = "P", default_value_t = 128, value_parser = clap::value_parser!(u64).range(2..=1_000_000))]
+    pub prompt_tokens: u64,
+    /// Tokens generated by each request (the load streams of the TTFT phase: 4 times as many)
+    #[arg(long, value_name = "G", default_value_t = 64, value_parser = clap::value_parser!(u64).range(2..=1_000_000))]
+    pub gen_tokens: u64,
+    /// Prompt length of the time-to-first-token and follow-up requests, in tokens
+    #[arg(long, value_name = "T", default_value_t = 512, value_parser = clap::value_parser!(u64).range(2..=1_000_000))]
+    pub ttft_prompt_tokens: u64,
+    /// New tokens of the follow-up request, after the first request's prompt and reply
+    #[arg(long, value_name = "F", default_value_t = 32, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub followup_tokens: u64,
+    /// Leave llama-server's `cache_prompt` field out of the requests
+    #[arg(long)]
+    pub no_cache_field: bool,
+    /// Print one JSON object with every figure instead of the table
+    #[arg(long)]
+    pub json: bool,
+    /// A name for this run (the server, the model, …), echoed in the output
+    #[arg(long, value_name = "NAME")]
+    pub label: Option<String>,
+}
+
+/// Common English words that are one token each (with their leading space) in the Mistral
+/// vocabulary, which llama.cpp and mistrald tokenize alike.
+const WORDS: &[&str] = &[
+    "the", "of", "and", "to", "in", "is", "was", "for", "on", "that", "with", "as", "by", "at",
+    "from", "his", "her", "they", "this", "have", "had", "not", "are", "but", "were", "which",
+    "one", "all", "their", "there", "been", "has", "more", "when", "will", "would", "who", "out",
+    "about", "into", "time", "can", "only", "other", "some", "them", "then", "these", "like",
+    "than", "its", "over", "also", "after", "first", "new", "two", "made", "may", "any", "most",
+    "such", "back", "people", "years", "could", "way", "even", "because", "many", "where", "much",
+    "well", "through", "down", "should", "each", "just", "those", "work", "between", "life",
+    "long", "both", "being", "world", "under", "still", "never", "last", "while", "same",
+    "another", "know", "house", "great", "might", "year", "good", "place", "part", "water",
+    "school", "old", "small", "day", "home", "case", "state", "family", "group", "every", "number",
+    "right", "hand", "high", "point", "country", "city", "head", "young", "system", "public",
+    "side", "night", "order", "land", "name", "power", "money", "light", "market", "line",
+    "change", "book", "idea", "body", "story", "form", "music", "party", "field", "food", "room",
+    "word", "river", "table", "sound", "church", "street", "horse", "garden", "window", "letter",
+    "paper", "answer", "island", "summer", "winter", "morning", "evening", "forest", "mountain",
+    "village", "doctor", "teacher", "student", "friend", "mother", "father", "sister", "brother",
+    "report", "office", "course", "effect", "reason", "matter", "action", "voice", "color",
+    "price", "study", "level", "picture", "season", "chance", "moment", "period", "figure",
+    "nature", "center", "circle", "travel", "animal", "flower", "plant", "stone", "glass", "metal",
+    "bread", "apple", "orange", "silver", "gold", "engine", "motor", "train", "plane", "ship",
+    "boat", "road", "bridge", "tower", "castle", "palace", "camera", "phone", "radio", "screen",
+    "model", "record", "station", "factory", "valley", "desert", "ocean", "planet", "star", "moon",
+    "cloud", "storm", "rain", "snow", "wind", "fire", "smoke", "dust", "sand", "earth", "ground",
+    "grass", "tree", "leaf", "branch", "root", "seed", "fruit", "rice", "corn", "milk", "sugar",
+    "salt", "coffee", "tea", "wine", "kitchen", "door", "floor", "wall", "roof", "chair", "bed",
+    "lamp", "clock", "mirror", "basket", "cup", "plate", "fork", "coat", "hat", "dress", "button",
+    "pocket", "ring", "chain", "wheel", "box", "bag", "key", "lock", "gate", "path", "corner",
+    "edge", "top", "bottom", "front", "middle",
+];
+
+/// SplitMix64: the pseudo-random words of a prompt.
+fn splitmix64(state: &mut u64) -> u64 {
+    *state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    let mut z = *state;
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// The prompts of one run: request `id` of the run gets a prompt that starts with word
+/// `(nonce + id) mod WORDS.len()`, so the prompts of up to that many requests start
+/// differently; the rest of its words are pseudo-random, from `nonce` and `id`.
+#[derive(Clone, Debug)]
+struct Prompts {
+    nonce: u64,
+    next: u64,
+}
+
+impl Prompts {
+    fn new(nonce: u64) -> Prompts {
+        Prompts { nonce, next: 0 }
+    }
+
+    /// A new prompt of about `tokens` tokens (BOS and `tokens - 1` words).
+    fn prompt(&mut self, tokens: u64) -> String {
+        let id = self.next;
+        self.next += 1;
+        prompt_text(self.nonce, id, tokens)
+    }
+
+    /// `count` more words, each after a space: the new text of a follow-up.
+    fn continuation(&mut self, count: u64) -> String {
+        let id = self.next;
+        self.next += 1;
+        let mut state = self.nonce ^ id.wrapping_mul(0xd6e8_feb8_6659_fd93) ^ 0x5555;
+        let mut text = String::new();
+        for _ in 0..count {
+            text.push(' ');
+            text.push_str(WORDS[(splitmix64(&mut state) % WORDS.len() as u64) as usize]);
+        }
+        text
+    }
+}
+
+/// The prompt of request `id` of the run `nonce`: `tokens - 1` words (at least one) separated
+/// by spaces, the first one `WORDS[(nonce + id) % WORDS.len()]`.
+fn prompt_text(nonce: u64, id: u64, tokens: u64) -> String {
+    let n = WORDS.len() as u64;
+    let mut text = String::from(WORDS[(nonce.wrapping_add(id) % n) as usize]);
+    let mut state = nonce ^ id.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    for _ in 1..tokens.saturating_sub(1).max(1) {
+        text.push(' ');
+        text.push_str(WORDS[(splitmix64(&mut state) % n) as usize]);
+    }
+    text
+}
+
+/// The body of every request: a streamed completion of `prompt`, `max_tokens` long, greedy,
+/// past EOS, with usage; `cache_prompt` when given.
+fn request_body(prompt: &str, max_tokens: u64, cache_prompt: Option<bool>) -> Value {
+    let mut body = json!({
+        "prompt": prompt,
+        "stream": true,
+        "stream_options": { "include_usage": true },
+        "temperature": 0.0,
+        "max_tokens": max_tokens,
+        "ignore_eos": true,
+    });
+    if let Some(cache) = cache_prompt {
+        body["cache_prompt"] = json!(cache);
+    }
+    body
+}
+
+/// The token counts a server reported for a request (each when given).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Counts {
+    prompt_tokens: Option<u64>,
+    completion_tokens: Option<u64>,
+    cached_tokens: Option<u64>,
+}
+
+impl Counts {
+    /// Takes in a chunk's `usage` (OpenAI) and `timings` (llama-server); `usage` wins.
+    fn update(&mut self, chunk: &Value) {
+        let number = |pointer: &str| chunk.pointer(pointer).and_then(Value::as_u64);
+        if let Some(timings) = chunk.get("timings").filter(|t| t.is_object()) {
+            let number = |name: &str| timings.get(name).and_then(Value::as_u64);
+            if let (Some(processed), Some(cached)) = (number("prompt_n"), number("cache_n")) {
+                self.prompt_tokens = Some(processed + cached);
+            }
+            self.completion_tokens = number("predicted_n").or(self.completion_tokens);
+            self.cached_tokens = number("cache_n").or(self.cached_tokens);
+        }
+        if chunk.get("usage").is_some_and(Value::is_object) {
+            self.prompt_tokens = number("/usage/prompt_tokens").or(self.prompt_tokens);
+            self.completion_tokens = number("/usage/completion_tokens").or(self.completion_tokens);
+            self.cached_tokens =
+                number("/usage/prompt_tokens_details/cached_tokens").or(self.cached_tokens);
+        }
+    }
+}
+
+/// One streamed completion as the client saw it.
+#[derive(Clone, Debug)]
+struct Streamed {
+    /// When the request was sent (before connecting).
+    sent: Instant,
+    /// When each chunk with text arrived.
+    arrivals: Vec<Instant>,
+    /// When the stream ended.
+    ended: Instant,
+    /// The generated text.
+    text: String,
+    /// The token counts the server reported.
+    counts: Counts,
+    /// The `model` the chunks named.
+    model: Option<String>,
+}
+
+impl Streamed {
+    /// Tokens generated: the reported count, else one per chunk.
+    fn tokens(&self) -> u64 {
+        self.counts
+            .completion_tokens
+            .unwrap_or(self.arrivals.len() as u64)
+    }
+
+    /// Time to first token: from sending to the first chunk with text.
+    fn ttft(&self) -> Result<Duration, CtlError> {
+        self.arrivals
+            .first()
+            .map(|first| first.duration_since(self.sent))
+            .ok_or_else(|| {
+                CtlError::Protocol(
+                    "the server streamed no text for a request: cannot time it".into(),
+                )
+            })
+    }
+
+    /// The arrival times in seconds after `origin`, and the token count.
+    fn arrivals_after(&self, origin: Instant) -> Arrivals {
+        Arrivals {
+            times: self
+                .arrivals
+                .iter()
+                .map(|t| t.duration_since(origin).as_secs_f64())
+                .collect(),
+            tokens: self.tokens(),
+        }
+    }
+}
+
+/// Where a load stream reports progress: `(index, true)` when its `chunks`-th chunk with text
+/// arrives (and, from its caller, `(index, false)` when it ends).
+#[derive(Clone, Copy, Debug)]
+struct Notify<'a> {
+    index: usize,
+    chunks: usize,
+    sender: &'a mpsc::UnboundedSender<(usize, bool)>,
+}
+
+/// Sends one streamed completion request and reads its stream to the end, recording when each
+/// chunk with text arrives; reports to `notify` when given.
+async fn stream_completion(
+    client: &Client,
+    body: &Value,
+    notify: Option<Notify<'_>>,
+) -> Result<Streamed, CtlError> {
+    let sent = Instant::now();
+    let mut reply = client.post_json(COMPLETIONS, body).await?;
+    if !reply.is_event_stream() {
+        return Err(CtlError::Protocol(
+            "the server did not stream its answer (no text/event-stream): is it OpenAI-compatible?"
+                .into(),
+        ));
+    }
+    let mut streamed = Streamed {
+        sent,
+        arrivals: Vec::new(),
+        ended: sent,
+        text: String::new(),
+        counts: Counts::default(),
+        model: None,
+    };
+    let mut finished = false;
+    let mut parser = SseParser::new();
+    while let Some(bytes) = reply.chunk().await? {
+        let now = Instant::now();
+        for event in parser.push(&bytes) {
+            if event.data.trim() == "[DONE]" {
+                streamed.ended = now;
+                return Ok(streamed);
+            }
+            let chunk: Value = match serde_json::from_str(&event.data) {
+                Ok(chunk) => chunk,
+                Err(_) if event.event.as_deref() == Some("error") => {
+                    return Err(CtlError::Stream(event.data));
+                }
+                Err(e) => {
+                    return Err(CtlError::Protocol(format!(
+                        "the server sent an event that is not valid JSON ({e}): {}",
+                        event.data
+                    )))
+                }
+            };
+            if let Some(error) = chunk.get("error") {
+                let message = error
+                    .get("message")
+                    .and_then(Value::as_str)
+                    .map(str::to_string)
+                    .unwrap_or_else(|| error.to_string());
+                return Err(CtlError::Stream(message));
+            }
+            streamed.counts.update(&chunk);
+            if streamed.model.is_none() {
+                streamed.model = chunk.get("model").and_then(Value::as_str).map(Into::into);
+            }
+            let choice = chunk.pointer("/choices/0");
+            let text = choice
+                .and_then(|c| c.get("text"))
+                .and_then(Value::as_str)
+                .unwrap_or("");
+            if !text.is_empty() {
+                streamed.arrivals.push(now);
+                streamed.text.push_str(text);
+                if let Some(notify) = notify {
+                    if streamed.arrivals.len() == notify.chunks {
+                        let _ = notify.sender.send((notify.index, true));
+                    }
+                }
+            }
+            if choice
+                .and_then(|c| c.get("finish_reason"))
+                .is_some_and(|r| !r.is_null())
+            {
+                finished = true;
+            }
+        }
+    }
+    // A server that ends the stream without `[DONE]` after the finishing chunk is accepted.
+    if finished {
+        streamed.ended = Instant::now();
+        Ok(streamed)
+    } else {
+        Err(CtlError::Protocol(
+            "the connection closed before the stream was complete".into(),
+        ))
+    }
+}
+
+/// One stream's chunk arrival times (seconds from an origin common to the streams compared)
+/// and its token count.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) struct Arrivals {
+    /// When each chunk with text arrived, in order.
+    pub(crate) times: Vec<f64>,
+    /// Tokens the stream generated (the chunks may carry more or fewer than one each).
+    pub(crate) tokens: u64,
+}
+
+impl Arrivals {
+    /// Tokens per chunk: 1 when the server sends a chunk per token; each chunk counts as this
+    /// many tokens.
+    fn weight(&self) -> f64 {
+        if self.times.is_empty() {
+            0.0
+        } else {
+            self.tokens as f64 / self.times.len() as f64
+        }
+    }
+
+    /// The stream's own decode rate: the tokens after its first chunk over the time from its
+    /// first chunk to its last (`None` with fewer than two chunks or no time between them).
+    pub(crate) fn decode_rate(&self) -> Option<f64> {
+        let (first, last) = (*self.times.first()?, *self.times.last()?);
+        (self.times.len() >= 2 && last > first)
+            .then(|| (self.times.len() - 1) as f64 * self.weight() / (last - first))
+    }
+}
+
+/// The time in which every stream of a phase was decoding: from the latest first chunk to the
+/// earliest last chunk, and the tokens that arrived in it (after its start, up to and including
+/// its end).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) struct Window {
+    pub(crate) start: f64,
+    pub(crate) end: f64,
+    pub(crate) tokens: f64,
+}
+
+impl Window {
+    /// Its length in seconds.
+    pub(crate) fn seconds(&self) -> f64 {
+        self.end - self.start
+    }
+
+    /// The aggregate decode rate: tokens per second in the window.
+    pub(crate) fn rate(&self) -> f64 {
+        self.tokens / self.seconds()
+    }
+}
+
+/// The window in which all `streams` were decoding; `None` when there are no streams, one has
+/// no chunks, or they never all decoded at once (one ended before another's first chunk, or
+/// the window has no length). A chunk at the window's start is not counted (it marks the
+/// start, as the first chunk of a single stream does), one at its end is.
+pub(crate) fn decode_window(streams: &[Arrivals]) -> Option<Window> {
+    let mut start = f64::NEG_INFINITY;
+    let mut end = f64::INFINITY;
+    for stream in streams {
+        let first = stream.times.iter().copied().reduce(f64::min)?;
+        let last = stream.times.iter().copied().reduce(f64::max)?;
+        start = start.max(first);
+        end = end.min(last);
+    }
+    if streams.is_empty() || end <= start {
+        return None;
+    }
+    let tokens = streams
+        .iter()
+        .map(|s| {
+            let inside = s.times.iter().filter(|&&t| t > start && t <= end).count();
+            inside as f64 * s.weight()
+        })
+        .sum();
+    Some(Window { start, end, tokens })
+}
+
+/// The figures of phase 1 for one number of streams.
+#[derive(Clone, Debug, PartialEq)]
+struct StreamsResult {
+    streams: u64,
+    /// Tokens/s of all streams together while all were decoding.
+    aggregate_tok_s: Option<f64>,
+    /// The length of that window, seconds.
+    window_s: Option<f64>,
+    /// Mean of each stream's own decode rate.
+    per_stream_tok_s: Option<f64>,
+    /// Mean time to first token, ms.
+    ttft_mean_ms: f64,
+    /// From sending the requests to the end of the last stream, seconds.
+    wall_s: f64,
+    /// All generated tokens over the wall time (prefill included).
+    overall_tok_s: f64,
+    /// All generated tokens.
+    completion_tokens: u64,
+}
+
+impl StreamsResult {
+    fn new(start: Instant, records: &[Streamed]) -> Result<StreamsResult, CtlError> {
+        let arrivals: Vec<Arrivals> = records.iter().map(|r| r.arrivals_after(start)).collect();
+        let window = decode_window(&arrivals);
+        let rates: Vec<f64> = arrivals.iter().filter_map(Arrivals::decode_rate).collect();
+        let mut ttft_total = 0.0;
+        for record in records {
+            ttft_total += ms(record.ttft()?);
+        }
+        let wall = records
+            .iter()
+            .map(|r| r.ended.duration_since(start))
+            .max()
+            .unwrap_or_default()
+            .as_secs_f64();
+        let completion_tokens = records.iter().map(Streamed::tokens).sum();
+        Ok(StreamsResult {
+            streams: records.len() as u64,
+            aggregate_tok_s: window.map(|w| w.rate()),
+            window_s: window.map(|w| w.seconds()),
+            per_stream_tok_s: mean(&rates),
+            ttft_mean_ms: ttft_total / records.len().max(1) as f64,
+            wall_s: wall,
+            overall_tok_s: if wall > 0.0 {
+                completion_tokens as f64 / wall
+            } else {
+                0.0
+            },
+            completion_tokens,
+        })
+    }
+}
+
+/// Every figure of a run.
+#[derive(Clone, Debug, PartialEq)]
+struct Report {
+    label: Option<String>,
+    server: String,
+    model: Option<String>,
+    prompt_tokens: u64,
+    gen_tokens: u64,
+    ttft_prompt_tokens: u64,
+    followup_tokens: u64,
+    cache_field: bool,
+    streams: Vec<StreamsResult>,
+    ttft_idle_ms: f64,
+    ttft_under_load_ms: f64,
+    /// How many of the load streams were still decoding when the new request's first chunk came.
+    load_streams_decoding: u64,
+    /// The server's count of the TTFT request's prompt tokens.
+    ttft_prompt_tokens_reported: Option<u64>,
+    followup_ttft_cached_ms: f64,
+    followup_ttft_cold_ms: f64,
+    /// The server's count of the cached follow-up's prompt tokens.
+    followup_prompt_tokens_reported: Option<u64>,
+    cached_tokens: Option<u64>,
+    cached_tokens_cold: Option<u64>,
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+fn mean(values: &[f64]) -> Option<f64> {
+    (!values.is_empty()).then(|| values.iter().sum::<f64>() / values.len() as f64)
+}
+
+/// `x` rounded to `decimals` places, as a JSON number.
+fn round(x: f64, decimals: i32) -> Value {
+    let scale = 10f64.powi(decimals);
+    json!((x * scale).round() / scale)
+}
+
+impl Report {
+    /// The JSON object `--json` prints.
+    fn json(&self) -> Value {
+        let streams: Vec<Value> = self
+            .streams
+            .iter()
+            .map(|s| {
+                json!({
+                    "streams": s.streams,
+                    "aggregate_tok_s": s.aggregate_tok_s.map(|x| round(x, 2)),
+                    "per_stream_tok_s": s.per_stream_tok_s.map(|x| round(x, 2)),
+                    "window_s": s.window_s.map(|x| round(x, 3)),
+                    "ttft_mean_ms": round(s.ttft_mean_ms, 1),
+                    "wall_s": round(s.wall_s, 3),
+                    "overall_tok_s": round(s.overall_tok_s, 2),
+                    "completion_tokens": s.completion_tokens,
+                })
+            })
+            .collect();
+        json!({
+            "label": self.label,
+            "server": self.server,
+            "model": self.model,
+            "prompt_tokens": self.prompt_tokens,
+            "gen_tokens": self.gen_tokens,
+            "ttft_prompt_tokens": self.ttft_prompt_tokens,
+            "followup_tokens": self.followup_tokens,
+            "cache_field": self.cache_field,
+            "streams": streams,
+            "ttft_idle_ms": round(self.ttft_idle_ms, 1),
+            "ttft_under_load_ms": round(self.ttft_under_load_ms, 1),
+            "load_streams": LOAD_STREAMS,
+            "load_streams_decoding": self.load_streams_decoding,
+            "ttft_prompt_tokens_reported": self.ttft_prompt_tokens_reported,
+            "followup_ttft_cached_ms": round(self.followup_ttft_cached_ms, 1),
+            "followup_ttft_cold_ms": round(self.followup_ttft_cold_ms, 1),
+            "followup_prompt_tokens_reported": self.followup_prompt_tokens_reported,
+            "cached_tokens": self.cached_tokens,
+            "cached_tokens_cold": self.cached_tokens_cold,
+        })
+    }
+
+    /// The readable table.
+    fn table(&self) -> String {
+        let opt = |x: Option<f64>, decimals: usize| match x {
+            Some(x) => format!("{x:.decimals$}"),
+            None => "-".to_string(),
+        };
+        let count =
+            |x: Option<u64>| x.map_or_else(|| "not reported".to_string(), |x| x.to_string());
+        let mut t = String::new();
+        let title = match &self.label {
+            Some(label) => format!("mistralctl bench: {label}"),
+            None => "mistralctl bench".to_string(),
+        };
+        let _ = writeln!(t, "{title}");
+        let _ = writeln!(
+            t,
+            "server: {}{}",
+            self.server,
+            self.model
+                .as_ref()
+                .map(|m| format!(" (model {m})"))
+                .unwrap_or_default()
+        );
+        let _ = writeln!(
+            t,
+            "requests: streamed /v1/completions, temperature 0, ignore_eos, {}",
+            if self.cache_field {
+                "cache_prompt sent"
+            } else {
+                "no cache_prompt field"
+            }
+        );
+        let _ = writeln!(t);
+        let _ = writeln!(
+            t,
+            "Aggregate decode rate ({}-token prompts, {} tokens per stream)",
+            self.prompt_tokens, self.gen_tokens
+        );
+        let _ = writeln!(
+            t,
+            "{:>7}  {:>15}  {:>16}  {:>13}  {:>12}  {:>8}",
+            "streams",
+            "aggregate tok/s",
+            "per-stream tok/s",
+            "overall tok/s",
+            "mean TTFT ms",
+            "wall s"
+        );
+        let mut serialized = false;
+        for s in &self.streams {
+            serialized |= s.aggregate_tok_s.is_none();
+            let _ = writeln!(
+                t,
+                "{:>7}  {:>15}  {:>16}  {:>13.2}  {:>12.1}  {:>8.2}",
+                s.streams,
+                opt(s.aggregate_tok_s, 2),
+                opt(s.per_stream_tok_s, 2),
+                s.overall_tok_s,
+                s.ttft_mean_ms,
+                s.wall_s
+            );
+        }
+        if serialized {
+            let _ = writeln!(
+                t,
+                "(-: the streams never all decoded at the same time, so there is no window for an aggregate rate)"
+            );
+        }
+        let _ = writeln!(t);
+        let _ = writeln!(
+            t,
+            "Time to first token ({}-token prompt{})",
+            self.ttft_prompt_tokens,
+            self.ttft_prompt_tokens_reported
+                .map(|n| format!("; the server counted {n}"))
+                .unwrap_or_default()
+        );
+        let _ = writeln!(
+            t,
+            "  idle server:              {:>10.1} ms",
+            self.ttft_idle_ms
+        );
+        let _ = writeln!(
+            t,
+            "  while {LOAD_STREAMS} streams decode:   {:>10.1} ms ({} of {LOAD_STREAMS} still decoding at its first token)",
+            self.ttft_under_load_ms, self.load_streams_decoding
+        );
+        let _ = writeln!(t);
+        let _ = writeln!(
+            t,
+            "Follow-up time to first token ({}-token prompt + its {}-token reply + {} new tokens{})",
+            self.ttft_prompt_tokens,
+            self.gen_tokens,
+            self.followup_tokens,
+            self.followup_prompt_tokens_reported
+                .map(|n| format!("; the server counted {n}"))
+                .unwrap_or_default()
+        );
+        let _ = writeln!(
+            t,
+            "  with the prompt cache:    {:>10.1} ms (cached tokens: {})",
+            self.followup_ttft_cached_ms,
+            count(self.cached_tokens)
+        );
+        let _ = writeln!(
+            t,
+            "  new conversation (cold):  {:>10.1} ms (cached tokens: {}; a prompt never sent before{})",
+            self.followup_ttft_cold_ms,
+            count(self.cached_tokens_cold),
+            if self.cache_field {
+                ", cache_prompt: false"
+            } else {
+                ""
+            }
+        );
+        t
+    }
+}
+
+/// Runs `mistralctl bench`: the phases, then the table or the JSON on stdout. Ctrl-C drops
+/// the connections (cancelling the requests) and exits with 130.
+pub(super) async fn bench(
+    client: &Client,
+    args: &BenchArgs,
+    term: &mut Term<'_>,
+) -> Result<(), CtlError> {
+    let nonce = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+        ^ u64::from(std::process::id()).rotate_left(32);
+    let mut interrupt = (term.interrupt)();
+    let report = tokio::select! {
+        biased;
+        _ = &mut interrupt => return Err(CtlError::Interrupted),
+        report = measure(client, args, nonce, &mut *term.err) => report?,
+    };
+    if args.json {
+        term.write_out(&format!("{}\n", report.json()))
+    } else {
+        term.write_out(&report.table())
+    }
+}
+
+/// The phases of the benchmark; progress lines go to `log`.
+async fn measure(
+    client: &Client,
+    args: &BenchArgs,
+    nonce: u64,
+    log: &mut dyn Write,
+) -> Result<Report, CtlError> {
+    let mut prompts = Prompts::new(nonce);
+    let cache = |allowed: bool| (!args.no_cache_field).then_some(allowed);
+    let (p, g, t) = (args.prompt_tokens, args.gen_tokens, args.ttft_prompt_tokens);
+    let mut progress = |line: String| {
+        let _ = writeln!(log, "mistralctl: bench: {line}");
+    };
+
+    progress(format!("warm-up ({})", client.endpoint()));
+    let warmup = stream_completion(
+        client,
+        &request_body(&prompts.prompt(8), 4, cache(true)),
+        None,
+    )
+    .await?;
+
+    let mut streams = Vec::new();
+    for &n in &args.streams {
+        progress(format!(
+            "{n} concurrent stream{} ({p}-token prompts, {g} tokens each)",
+            if n == 1 { "" } else { "s" }
+        ));
+        let bodies: Vec<Value> = (0..n)
+            .map(|_| request_body(&prompts.prompt(p), g, cache(true)))
+            .collect();
+        let start = Instant::now();
+        let records =
+            try_join_all(bodies.iter().map(|b| stream_completion(client, b, None))).await?;
+        streams.push(StreamsResult::new(start, &records)?);
+    }
+
+    progress(format!("time to first token, idle ({t}-token prompt)"));
+    let idle = stream_completion(
+        client,
+        &request_body(&prompts.prompt(t), g, cache(true)),
+        None,
+    )
+    .await?;
+
+    progress(format!(
+        "time to first token while {LOAD_STREAMS} streams decode ({} tokens each)",
+        g * 4
+    ));
+    let load_bodies: Vec<Value> = (0..LOAD_STREAMS)
+        .map(|_| request_body(&prompts.prompt(p), g * 4, cache(true)))
+        .collect();
+    let probe_body = request_body(&prompts.prompt(t), g, cache(true));
+    let (sender, mut receiver) = mpsc::unbounded_channel();
+    let loads = try_join_all(load_bodies.iter().enumerate().map(|(i, body)| {
+        let sender = &sender;
+        async move {
+            let notify = Notify {
+                index: i,
+                chunks: LOAD_CHUNKS,
+                sender,
+            };
+            let result = stream_completion(client, body, Some(notify)).await;
+            let _ = sender.send((i, false));
+            result
+        }
+    }));
+    let probe = async {
+        let mut ready = [false; LOAD_STREAMS];
+        while !ready.iter().all(|&r| r) {
+            match receiver.recv().await {
+                Some((i, true)) => ready[i] = true,
+                Some((i, false)) if !ready[i] => {
+                    return Err(CtlError::Protocol(format!(
+                        "a load stream ended before its {LOAD_CHUNKS}rd chunk: the server generated too little"
+                    )))
+                }
+                Some(_) => {}
+                None => {
+                    return Err(CtlError::Protocol(
+                        "the load streams ended before the new request was sent".into(),
+                    ))
+                }
+            }
+        }
+        stream_completion(client, &probe_body, None).await
+    };
+    let (loads, probe) = tokio::try_join!(loads, probe)?;
+    let probe_first = probe.sent + probe.ttft()?;
+    let load_streams_decoding = loads
+        .iter()
+        .filter(|l| l.arrivals.last().is_some_and(|&last| last > probe_first))
+        .count() as u64;
+
+    progress(format!(
+        "follow-up time to first token ({t}-token prompt, {g}-token reply, {} new tokens)",
+        args.followup_tokens
+    ));
+    let first_prompt = prompts.prompt(t);
+    let first =
+        stream_completion(client, &request_body(&first_prompt, g, cache(true)), None).await?;
+    let followup = format!(
+        "{first_prompt}{}{}",
+        first.text,
+        prompts.continuation(args.followup_tokens)
+    );
+    let cached = stream_completion(client, &request_body(&followup, g, cache(true)), None).await?;
+    let cold_prompt = format!(
+        "{}{}{}",
+        prompts.prompt(t),
+        first.text,
+        prompts.continuation(args.followup_tokens)
+    );
+    let cold =
+        stream_completion(client, &request_body(&cold_prompt, g, cache(false)), None).await?;
+
+    Ok(Report {
+        label: args.label.clone(),
+        server: client.endpoint().to_string(),
+        model: warmup.model,
+        prompt_tokens: p,
+        gen_tokens: g,
+        ttft_prompt_tokens: t,
+        followup_tokens: args.followup_tokens,
+        cache_field: !args.no_cache_field,
+        streams,
+        ttft_idle_ms: ms(idle.ttft()?),
+        ttft_under_load_ms: ms(probe.ttft()?),
+        load_streams_decoding,
+        ttft_prompt_tokens_reported: probe.counts.prompt_tokens,
+        followup_ttft_cached_ms: ms(cached.ttft()?),
+        followup_ttft_cold_ms: ms(cold.ttft()?),
+        followup_prompt_tokens_reported: cached.counts.prompt_tokens,
+        cached_tokens: cached.counts.cached_tokens,
+        cached_tokens_cold: cold.counts.cached_tokens,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ctl::{exit, run, Cli, Command, HttpUrl, Interrupt, Term};
+    use clap::Parser;
+    use http_body_util::{combinators::BoxBody, BodyExt, Full, StreamBody};
+    use hyper::body::{Bytes, Frame, Incoming};
+    use hyper::{header, Request, Response};
+    use hyper_util::rt::TokioIo;
+    use std::convert::Infallible;
+    use std::sync::{Arc, Mutex};
+    use tokio::io::{AsyncRead, AsyncWrite};
+
+    // ---- the window ---------------------------------------------------------------------
+
+    /// `count` arrivals `step` seconds apart from `first` (steps that are exact in binary).
+    fn times(first: f64, step: f64, count: usize) -> Vec<f64> {
+        (0..count).map(|i| first + step * i as f64).collect()
+    }
+
+    fn arrivals(times: Vec<f64>, tokens: u64) -> Arrivals {
+        Arrivals { times, tokens }
+    }
+
+    #[test]
+    fn one_stream_window_is_its_decode_time() {
+        // 11 chunks from 1 s to 2 s: 10 tokens after the first in 1 s.
+        let s = arrivals(times(1.0, 0.125, 9), 9);
+        let w = decode_window(std::slice::from_ref(&s)).unwrap();
+        assert_eq!((w.start, w.end, w.tokens), (1.0, 2.0, 8.0));
+        assert_eq!(w.rate(), 8.0);
+        assert_eq!(s.decode_rate(), Some(8.0));
+    }
+
+    #[test]
+    fn window_runs_from_the_latest_first_to_the_earliest_last_chunk() {
+        // A: 0, 0.25, …, 2.0; B: 1.0, 1.25, …, 3.0; C: 0.5, 0.75, …, 2.5.
+        let a = arrivals(times(0.0, 0.25, 9), 9);
+        let b = arrivals(times(1.0, 0.25, 9), 9);
+        let c = arrivals(times(0.5, 0.25, 9), 9);
+        let w = decode_window(&[a.clone(), b.clone(), c.clone()]).unwrap();
+        assert_eq!((w.start, w.end), (1.0, 2.0));
+        assert_eq!(w.seconds(), 1.0);
+        // Each stream has the chunks at 1.25, 1.5, 1.75 and 2.0 in the window.
+        assert_eq!(w.tokens, 12.0);
+        assert_eq!(w.rate(), 12.0);
+        for s in [&a, &b, &c] {
+            assert_eq!(s.decode_rate(), Some(4.0));
+        }
+        // The order of the streams does not matter.
+        assert_eq!(decode_window(&[c, a, b]), Some(w));
+    }
+
+    #[test]
+    fn chunks_weigh_the_reported_tokens() {
+        // 5 chunks carrying 10 tokens: each chunk counts as 2 tokens.
+        let s = arrivals(times(0.0, 0.5, 5), 10);
+        let w = decode_window(std::slice::from_ref(&s)).unwrap();
+        assert_eq!(w.tokens, 8.0);
+        assert_eq!(w.rate(), 4.0);
+        assert_eq!(s.decode_rate(), Some(4.0));
+    }
+
+    #[test]
+    fn no_window_when_the_streams_never_all_decode() {
+        // One after the other (a server with a single slot).
+        let a = arrivals(times(0.0, 0.25, 5), 5);
+        let b = arrivals(times(1.5, 0.25, 5), 5);
+        assert_eq!(decode_window(&[a.clone(), b]), None);
+        // Touching at one instant: no length.
+        let c = arrivals(times(1.0, 0.25, 5), 5);
+        assert_eq!(decode_window(&[a.clone(), c]), None);
+        // A stream without chunks, no streams at all.
+        assert_eq!(decode_window(&[a, arrivals(vec![], 0)]), None);
+        assert_eq!(decode_window(&[]), None);
+        // One chunk: no rate.
+        assert_eq!(arrivals(vec![1.0], 1).decode_rate(), None);
+    }
+
+    // ---- prompts --------------------------------------------------------------------------
+
+    #[test]
+    fn prompts_have_the_asked_length_and_distinct_starts() {
+        let mut prompts = Prompts::new(12345);
+        let texts: Vec<String> = (0..WORDS.len()).map(|_| prompts.prompt(128)).collect();
+        let firsts: std::collections::HashSet<&str> =
+            texts.iter().map(|t| t.split(' ').next().unwrap()).collect();
+        assert_eq!(
+            firsts.len(),
+            WORDS.len(),
+            "every prompt starts with its own word"
+        );
+        for text in &texts {
+            let words: Vec<&str> = text.split(' ').collect();
+            // With the BOS token: 128 tokens.
+            assert_eq!(words.len(), 127);
+            assert!(words.iter().all(|w| WORDS.contains(w)), "{text}");
+        }
+        // Not only the first word differs.
+        assert_ne!(
+            texts[0][texts[0].find(' ').unwrap()..],
+            texts[1][texts[1].find(' ').unwrap()..]
+        );
+        // Deterministic for a nonce; another nonce gives other prompts.
+        assert_eq!(prompt_text(12345, 7, 128), texts[7]);
+        assert_ne!(prompt_text(999, 7, 128), texts[7]);
+        assert_eq!(prompt_text(1, 0, 2).split(' ').count(), 1);
+        assert_eq!(prompt_text(1, 0, 1).split(' ').count(), 1);
+        // A continuation: that many words, each after a space.
+        let more = prompts.continuation(5);
+        assert_eq!(more.split(' ').count(), 6);
+        assert!(more.starts_with(' ') && !more.ends_with(' '));
+        let words: std::collections::HashSet<&str> = WORDS.iter().copied().collect();
+        assert_eq!(words.len(), WORDS.len(), "WORDS has no duplicates");
+    }
+
+    #[test]
+    fn request_bodies() {
+        assert_eq!(
+            request_body("a b", 64, Some(false)),
+            json!({
+                "prompt": "a b", "stream": true, "stream_options": { "include_usage": true },
+                "temperature": 0.0, "max_tokens": 64, "ignore_eos": true, "cache_prompt": false
+            })
+        );
+        assert!(request_body("a", 1, None).get("cache_prompt").is_none());
+    }
+
+    #[test]
+    fn counts_from_usage_and_llama_timings() {
+        let mut c = Counts::default();
+        c.update(&json!({ "choices": [] }));
+        assert_eq!(c, Counts::default());
+        c.update(&json!({ "timings": { "prompt_n": 10, "cache_n": 90, "predicted_n": 64 } }));
+        assert_eq!(
+            c,
+            Counts {
+                prompt_tokens: Some(100),
+                completion_tokens: Some(64),
+                cached_tokens: Some(90)
+            }
+        );
+        c.update(
+            &json!({ "usage": { "prompt_tokens": 101, "completion_tokens": 63,
+            "prompt_tokens_details": { "cached_tokens": 80 } } }),
+        );
+        assert_eq!(
+            c,
+            Counts {
+                prompt_tokens: Some(101),
+                completion_tokens: Some(63),
+                cached_tokens: Some(80)
+            }
+        );
+    }
+
+    // ---- --url --------------------------------------------------------------------------
+
+    #[test]
+    fn parses_http_urls() {
+        let url = HttpUrl::parse("http://127.0.0.1:8080").unwrap();
+        assert_eq!((url.host(), url.port()), ("127.0.0.1", 8080));
+        assert_eq!(url.to_string(), "http://127.0.0.1:8080");
+        assert_eq!(url.authority(), "127.0.0.1:8080");
+        assert_eq!(HttpUrl::parse("http://127.0.0.1:8080/").unwrap(), url);
+        assert_eq!(HttpUrl::parse(" HTTP://127.0.0.1:8080 ").unwrap(), url);
+        let url = HttpUrl::parse("http://LocalHost").unwrap();
+        assert_eq!((url.host(), url.port()), ("localhost", 80));
+        let url = HttpUrl::parse("http://[::1]:8081").unwrap();
+        assert_eq!((url.host(), url.port()), ("::1", 8081));
+        assert_eq!(url.to_string(), "http://[::1]:8081");
+        assert_eq!(
+            HttpUrl::parse("http://box-2.lan:65535")
+                .unwrap()
+                .authority(),
+            "box-2.lan:65535"
+        );
+    }
+
+    #[test]
+    fn rejects_other_urls() {
+        for (text, why) in [
+            ("https://127.0.0.1:8080", "https is not supported"),
+            ("ftp://127.0.0.1", "unsupported scheme"),
+            ("garbage", "expected http://HOST:PORT"),
+            ("127.0.0.1:8080", "expected http://HOST:PORT"),
+            ("", "expected http://HOST:PORT"),
+            ("http://", "is not a host"),
+            ("http://:8080", "is not a host"),
+            ("http://127.0.0.1:", "is not a port"),
+            ("http://127.0.0.1:0", "is not a port"),
+            ("http://127.0.0.1:65536", "is not a port"),
+            ("http://127.0.0.1:+80", "is not a port"),
+            ("http://127.0.0.1:80x", "is not a port"),
+            ("http://127.0.0.1:8080/v1", "must not have a path"),
+            ("http://127.0.0.1:8080?x=1", "must not have a path"),
+            ("http://user:pw@127.0.0.1:8080", "user information"),
+            ("http://::1:8080", "is not a host"),
+            ("http://[::1", "unclosed"),
+            ("http://[nope]:80", "not an IPv6 address"),
+            ("http://[::1]8080", "expected ':PORT'"),
+            ("http://ex ample:80", "is not a host"),
+        ] {
+            let e = HttpUrl::parse(text).unwrap_err();
+            assert!(e.contains(why), "{text}: {e}");
+        }
+    }
+
+    #[test]
+    fn parses_url_and_bench_arguments() {
+        let cli =
+            Cli::try_parse_from(["mistralctl", "--url", "http://127.0.0.1:8080", "bench"]).unwrap();
+        assert_eq!(
+            cli.url,
+            Some(HttpUrl::parse("http://127.0.0.1:8080").unwrap())
+        );
+        let Command::Bench(args) = cli.command else {
+            panic!("not bench")
+        };
+        assert_eq!(args.streams, [1, 2, 4, 8]);
+        assert_eq!(
+            (
+                args.prompt_tokens,
+                args.gen_tokens,
+                args.ttft_prompt_tokens,
+                args.followup_tokens
+            ),
+            (128, 64, 512, 32)
+        );
+        assert!(!args.no_cache_field && !args.json && args.label.is_none());
+        // Global: after the subcommand too.
+        let cli = Cli::try_parse_from([
+            "mistralctl",
+            "bench",
+            "--url",
+            "http://[::1]:9",
+            "--streams",
+            "3,5",
+            "--json",
+            "--label",
+            "x",
+            "--no-cache-field",
+        ])
+        .unwrap();
+        assert_eq!(cli.url.unwrap().port(), 9);
+        let Command::Bench(args) = cli.command else {
+            panic!("not bench")
+        };
+        assert_eq!(args.streams, [3, 5]);
+        assert!(args.no_cache_field && args.json && args.label.as_deref() == Some("x"));
+        for args in [
+            &["mistralctl", "--url", "https://127.0.0.1:8080", "bench"][..],
+            &["mistralctl", "--url", "garbage", "status"],
+            &[
+                "mistralctl",
+                "--url",
+                "http://127.0.0.1:1",
+                "--socket",
+                "/s",
+                "status",
+            ],
+            &[
+                "mistralctl",
+                "--socket",
+                "/s",
+                "bench",
+                "--url",
+                "http://127.0.0.1:1",
+            ],
+            &["mistralctl", "bench", "--streams", "0"],
+            &["mistralctl", "bench", "--streams", "1,x"],
+            &["mistralctl", "bench", "--gen-tokens", "1"],
+        ] {
+            let e = Cli::try_parse_from(args)
+                .and_then(Cli::checked)
+                .unwrap_err();
+            assert_eq!(e.exit_code(), exit::USAGE, "{args:?}");
+        }
+    }
+
+    // ---- against a canned server ----------------------------------------------------------
+
+    type Body = BoxBody<Bytes, Infallible>;
+
+    /// What the canned server does with a completion request.
+    #[derive(Clone, Copy, Debug, PartialEq)]
+    enum Behavior {
+        /// Streams `max_tokens` chunks of " tok", 5 ms apart, then the finish and usage chunks.
+        Stream,
+        /// 503 with Retry-After: 2.
+        Busy,
+        /// 500 with an OpenAI error.
+        Fail,
+        /// Two chunks, then the body ends without a finish.
+        Truncated,
+        /// One chunk, then an error event.
+        StreamError,
+    }
+
+    /// A request as the canned server saw it.
+    #[derive(Clone, Debug)]
+    struct Seen {
+        path: String,
+        host: Option<String>,
+        body: Value,
+    }
+
+    #[derive(Default)]
+    struct State {
+        seen: Mutex<Vec<Seen>>,
+    }
+
+    const CHUNK_DELAY: Duration = Duration::from_millis(5);
+
+    fn chunk(value: Value) -> String {
+        format!("data: {value}\n\n")
+    }
+
+    fn reply(behavior: Behavior, state: &State, seen: Seen) -> Response<Body> {
+        let json_error = |status: u16, message: &str| {
+            let mut response = Response::builder()
+                .status(status)
+                .header(header::CONTENT_TYPE, "application/json");
+            if status == 503 {
+                response = response.header(header::RETRY_AFTER, "2");
+            }
+            response
+                .body(
+                    Full::new(Bytes::from(
+                        json!({ "error": { "message": message, "type": "server_error" } })
+                            .to_string(),
+                    ))
+                    .boxed(),
+                )
+                .unwrap()
+        };
+        let prompt = seen.body["prompt"].as_str().unwrap_or("").to_string();
+        let max_tokens = seen.body["max_tokens"].as_u64().unwrap_or(1);
+        // The prompt cache: the longest word prefix shared with an earlier prompt.
+        let cached = if seen.body["cache_prompt"] == json!(false) {
+            0
+        } else {
+            let seen = state.seen.lock().unwrap();
+            seen.iter()
+                .filter_map(|s| s.body["prompt"].as_str())
+                .map(|earlier| {
+                    earlier
+                        .split_whitespace()
+                        .zip(prompt.split_whitespace())
+                        .take_while(|(a, b)| a == b)
+                        .count()
+                })
+                .max()
+                .unwrap_or(0)
+        };
+        state.seen.lock().unwrap().push(seen);
+        let text = |t: &str, finish: Value| {
+            chunk(json!({
+                "id": "cmpl-1", "object": "text_completion", "model": "fake",
+                "choices": [{ "index": 0, "text": t, "logprobs": null, "finish_reason": finish }]
+            }))
+        };
+        let frames: Vec<(Duration, String)> = match behavior {
+            Behavior::Busy => return json_error(503, "the queue is full"),
+            Behavior::Fail => return json_error(500, "the model fell over"),
+            Behavior::Truncated => vec![
+                (CHUNK_DELAY, text(" tok", Value::Null)),
+                (CHUNK_DELAY, text(" tok", Value::Null)),
+            ],
+            Behavior::StreamError => vec![
+                (CHUNK_DELAY, text(" tok", Value::Null)),
+                (
+                    Duration::ZERO,
+                    chunk(json!({ "error": { "message": "out of memory" } })),
+                ),
+                (Duration::ZERO, "data: [DONE]\n\n".into()),
+            ],
+            Behavior::Stream => {
+                let mut frames: Vec<(Duration, String)> = (0..max_tokens)
+                    .map(|_| (CHUNK_DELAY, text(" tok", Value::Null)))
+                    .collect();
+                frames.push((Duration::ZERO, text("", json!("length"))));
+                let words = prompt.split_whitespace().count() as u64;
+                frames.push((
+                    Duration::ZERO,
+                    chunk(json!({
+                        "id": "cmpl-1", "object": "text_completion", "model": "fake", "choices": [],
+                        "usage": {
+                            "prompt_tokens": words + 1, "completion_tokens": max_tokens,
+                            "total_tokens": words + 1 + max_tokens,
+                            "prompt_tokens_details": { "cached_tokens": cached }
+                        }
+                    })),
+                ));
+                frames.push((Duration::ZERO, "data: [DONE]\n\n".into()));
+                frames
+            }
+        };
+        let stream = futures_util::stream::unfold(frames.into_iter(), |mut frames| async move {
+            let (delay, frame) = frames.next()?;
+            tokio::time::sleep(delay).await;
+            Some((Ok::<_, Infallible>(Frame::data(Bytes::from(frame))), frames))
+        });
+        Response::builder()
+            .header(header::CONTENT_TYPE, "text/event-stream")
+            .body(BodyExt::boxed(StreamBody::new(stream)))
+            .unwrap()
+    }
+
+    fn serve<S>(stream: S, behavior: Behavior, state: Arc<State>)
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let service = hyper::service::service_fn(move |request: Request<Incoming>| {
+            let state = state.clone();
+            async move {
+                let host = request
+                    .headers()
+                    .get(header::HOST)
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_string);
+                let path = request.uri().path().to_string();
+                let bytes = request.into_body().collect().await.unwrap().to_bytes();
+                let body = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+                let seen = Seen { path, host, body };
+                Ok::<_, Infallible>(reply(behavior, &state, seen))
+            }
+        });
+        tokio::spawn(async move {
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+
+    /// A canned server on a Unix socket in a new temporary directory.
+    fn unix_server(behavior: Behavior) -> (tempfile::TempDir, String, Arc<State>) {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("mistrald.sock");
+        let listener = tokio::net::UnixListener::bind(&socket).unwrap();
+        let state = Arc::new(State::default());
+        let shared = state.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                serve(stream, behavior, shared.clone());
+            }
+        });
+        (dir, socket.to_str().unwrap().to_string(), state)
+    }
+
+    /// A canned server on a loopback TCP port; returns its URL.
+    async fn tcp_server(behavior: Behavior) -> (String, Arc<State>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let state = Arc::new(State::default());
+        let shared = state.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                serve(stream, behavior, shared.clone());
+            }
+        });
+        (url, state)
+    }
+
+    fn never() -> Interrupt {
+        Box::pin(std::future::pending())
+    }
+
+    /// Runs `mistralctl ARGS`; returns (exit code, stdout, stderr).
+    async fn run_cli(args: &[&str]) -> (i32, String, String) {
+        let cli = Cli::try_parse_from(args).unwrap();
+        let (mut out, mut err) = (Vec::new(), Vec::new());
+        let mut input: &[u8] = b"";
+        let code = {
+            let mut term = Term {
+                out: &mut out,
+                err: &mut err,
+                input: &mut input,
+                interactive: false,
+                interrupt: &never,
+                line_open: false,
+            };
+            run(cli, &mut term).await
+        };
+        (
+            code,
+            String::from_utf8(out).unwrap(),
+            String::from_utf8(err).unwrap(),
+        )
+    }
+
+    fn first_word(seen: &Seen) -> String {
+        let prompt = seen.body["prompt"].as_str().unwrap();
+        prompt.split(' ').next().unwrap().to_string()
+    }
+
+    const SMALL: [&str; 9] = [
+        "--prompt-tokens",
+        "16",
+        "--gen-tokens",
+        "6",
+        "--ttft-prompt-tokens",
+        "40",
+        "--followup-tokens",
+        "5",
+        "--json",
+    ];
+
+    #[tokio::test]
+    async fn bench_over_a_unix_socket_computes_every_figure() {
+        let (_dir, socket, state) = unix_server(Behavior::Stream);
+        let mut args = vec![
+            "mistralctl",
+            "--socket",
+            &socket,
+            "bench",
+            "--streams",
+            "1,3",
+        ];
+        args.extend(SMALL);
+        args.extend(["--label", "fake run"]);
+        let (code, out, err) = run_cli(&args).await;
+        assert_eq!(code, exit::OK, "{err}");
+        assert!(
+            err.contains("mistralctl: bench: 3 concurrent streams"),
+            "{err}"
+        );
+        assert_eq!(out.lines().count(), 1, "one JSON object on one line: {out}");
+        let report: Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(report["label"], "fake run");
+        assert_eq!(report["server"], socket.as_str());
+        assert_eq!(report["model"], "fake");
+        assert_eq!(report["prompt_tokens"], 16);
+        assert_eq!(report["gen_tokens"], 6);
+        assert_eq!(report["ttft_prompt_tokens"], 40);
+        assert_eq!(report["followup_tokens"], 5);
+        assert_eq!(report["cache_field"], true);
+        let streams = report["streams"].as_array().unwrap();
+        assert_eq!(streams.len(), 2);
+        for (s, n) in streams.iter().zip([1, 3]) {
+            assert_eq!(s["streams"], n);
+            assert_eq!(s["completion_tokens"], 6 * n);
+            for field in [
+                "aggregate_tok_s",
+                "per_stream_tok_s",
+                "window_s",
+                "ttft_mean_ms",
+                "wall_s",
+                "overall_tok_s",
+            ] {
+                assert!(s[field].as_f64().unwrap() > 0.0, "{field}: {s}");
+            }
+        }
+        for field in [
+            "ttft_idle_ms",
+            "ttft_under_load_ms",
+            "followup_ttft_cached_ms",
+            "followup_ttft_cold_ms",
+        ] {
+            assert!(report[field].as_f64().unwrap() > 0.0, "{field}: {report}");
+        }
+        assert_eq!(report["load_streams"], 4);
+        assert!(report["load_streams_decoding"].as_u64().unwrap() <= 4);
+        assert_eq!(report["ttft_prompt_tokens_reported"], 40);
+        // The follow-up: 39 words, the 6-token reply, 5 new words, BOS.
+        assert_eq!(report["followup_prompt_tokens_reported"], 51);
+        assert_eq!(report["cached_tokens"], 39);
+        assert_eq!(report["cached_tokens_cold"], 0);
+
+        // The requests: warm-up, 1 + 3 streams, idle TTFT, 4 loads and the new request, the
+        // first request, its cached follow-up and the cold follow-up.
+        let seen = state.seen.lock().unwrap().clone();
+        assert_eq!(seen.len(), 14);
+        for s in &seen {
+            assert_eq!(s.path, "/v1/completions");
+            assert_eq!(s.host.as_deref(), Some("localhost"));
+            assert_eq!(s.body["stream"], true);
+            assert_eq!(s.body["stream_options"]["include_usage"], true);
+            assert_eq!(s.body["temperature"], 0.0);
+            assert_eq!(s.body["ignore_eos"], true);
+        }
+        let max_tokens: Vec<u64> = seen
+            .iter()
+            .map(|s| s.body["max_tokens"].as_u64().unwrap())
+            .collect();
+        assert_eq!(max_tokens[..5], [4, 6, 6, 6, 6]);
+        assert_eq!(max_tokens[6..10].iter().sum::<u64>(), 4 * 24);
+        let cache: Vec<&Value> = seen.iter().map(|s| &s.body["cache_prompt"]).collect();
+        assert!(cache[..13].iter().all(|&c| c == &json!(true)));
+        assert_eq!(cache[13], &json!(false));
+        let words = |s: &Seen| s.body["prompt"].as_str().unwrap().split(' ').count();
+        assert!(seen[1..5].iter().all(|s| words(s) == 15));
+        assert_eq!(words(&seen[5]), 39);
+        // Every prompt starts with its own word, but the cached follow-up continues the first
+        // request's.
+        let firsts: Vec<String> = seen.iter().map(first_word).collect();
+        let distinct: std::collections::HashSet<&String> =
+            firsts.iter().take(12).chain(firsts.get(13)).collect();
+        assert_eq!(distinct.len(), 13, "{firsts:?}");
+        assert_eq!(firsts[12], firsts[11]);
+        let first_prompt = seen[11].body["prompt"].as_str().unwrap();
+        let followup = seen[12].body["prompt"].as_str().unwrap();
+        assert!(followup.starts_with(&format!("{first_prompt} tok tok tok tok tok tok ")));
+        let cold = seen[13].body["prompt"].as_str().unwrap();
+        assert!(cold.contains(" tok tok tok tok tok tok "));
+        assert_eq!(cold.split(' ').count(), followup.split(' ').count());
+    }
+
+    #[tokio::test]
+    async fn bench_prints_a_table() {
+        let (_dir, socket, _state) = unix_server(Behavior::Stream);
+        let mut args = vec!["mistralctl", "--socket", &socket, "bench", "--streams", "2"];
+        args.extend(&SMALL[..8]);
+        args.extend(["--label", "fake run"]);
+        let (code, out, err) = run_cli(&args).await;
+        assert_eq!(code, exit::OK, "{err}");
+        for text in [
+            "mistralctl bench: fake run\n",
+            "(model fake)",
+            "cache_prompt sent",
+            "Aggregate decode rate (16-token prompts, 6 tokens per stream)",
+            "streams  aggregate tok/s  per-stream tok/s",
+            "Time to first token (40-token prompt; the server counted 40)",
+            "idle server:",
+            "while 4 streams decode:",
+            "with the prompt cache:",
+            "(cached tokens: 39)",
+            "new conversation (cold):",
+            "(cached tokens: 0; a prompt never sent before, cache_prompt: false)",
+        ] {
+            assert!(out.contains(text), "{text:?} in\n{out}");
+        }
+        let row = out
+            .lines()
+            .find(|l| l.trim_start().starts_with("2 "))
+            .unwrap();
+        let figures: Vec<f64> = row.split_whitespace().map(|f| f.parse().unwrap()).collect();
+        assert_eq!(figures.len(), 6, "{row}");
+        assert!(figures[1..].iter().all(|&f| f > 0.0), "{row}");
+    }
+
+    #[tokio::test]
+    async fn bench_over_tcp_without_the_cache_field() {
+        let (url, state) = tcp_server(Behavior::Stream).await;
+        let mut args = vec!["mistralctl", "--url", &url, "bench", "--streams", "2"];
+        args.extend(SMALL);
+        args.push("--no-cache-field");
+        let (code, out, err) = run_cli(&args).await;
+        assert_eq!(code, exit::OK, "{err}");
+        let report: Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(report["server"], url.as_str());
+        assert_eq!(report["cache_field"], false);
+        assert_eq!(report["label"], Value::Null);
+        assert!(report["streams"][0]["aggregate_tok_s"].as_f64().unwrap() > 0.0);
+        let seen = state.seen.lock().unwrap().clone();
+        assert_eq!(seen.len(), 12);
+        let authority = url.strip_prefix("http://").unwrap();
+        for s in &seen {
+            assert_eq!(s.host.as_deref(), Some(authority));
+            assert!(s.body.get("cache_prompt").is_none());
+        }
+    }
+
+    #[tokio::test]
+    async fn bench_errors_exit_with_the_usual_codes() {
+        // Nothing listening on the port.
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        drop(listener);
+        let (code, out, err) = run_cli(&["mistralctl", "--url", &url, "bench"]).await;
+        assert_eq!(code, exit::CONNECT);
+        assert_eq!(out, "");
+        assert!(
+            err.ends_with(&format!(
+                "mistralctl: cannot connect to {url}: Connection refused — is the server running?\n"
+            )),
+            "{err}"
+        );
+
+        for (behavior, code, message) in [
+            (
+                Behavior::Busy,
+                exit::BUSY,
+                "the queue is full (the daemon is busy: retry in 2 s)",
+            ),
+            (
+                Behavior::Fail,
+                exit::ERROR,
+                "mistralctl: the model fell over\n",
+            ),
+            (
+                Behavior::Truncated,
+                exit::ERROR,
+                "mistralctl: the connection closed before the stream was complete\n",
+            ),
+            (
+                Behavior::StreamError,
+                exit::ERROR,
+                "mistralctl: the generation failed: out of memory\n",
+            ),
+        ] {
+            let (_dir, socket, _state) = unix_server(behavior);
+            let (c, out, err) = run_cli(&["mistralctl", "--socket", &socket, "bench"]).await;
+            assert_eq!(c, code, "{behavior:?}: {err}");
+            assert_eq!(out, "", "{behavior:?}");
+            assert!(err.contains(message), "{behavior:?}: {err}");
+        }
+    }
+
+    #[tokio::test]
+    async fn other_commands_work_over_tcp() {
+        let (url, state) = tcp_server(Behavior::Stream).await;
+        let (code, out, err) = run_cli(&[
+            "mistralctl",
+            "--url",
+            &url,
+            "generate",
+            "hello",
+            "--max-tokens",
+            "2",
+        ])
+        .await;
+        assert_eq!(code, exit::OK, "{err}");
+        assert_eq!(out, " tok tok\n");
+        let seen = state.seen.lock().unwrap().clone();
+        assert_eq!(seen[0].body["prompt"], "hello");
+    }
+}
