@@ -1286,7 +1286,7 @@ pub fn default_socket_path() -> PathBuf {
 }
 
 /// [`default_socket_path`] for a given `XDG_RUNTIME_DIR` and effective user id.
-fn socket_path_for(xdg_runtime_dir: Option<OsString>, euid: u32) -> PathBuf {
+pub fn socket_path_for(xdg_runtime_dir: Option<OsString>, euid: u32) -> PathBuf {
     match xdg_runtime_dir.map(PathBuf::from) {
         Some(dir) if euid != 0 && dir.is_absolute() => dir.join(SOCKET_FILE_NAME),
         _ => PathBuf::from(SYSTEM_SOCKET_PATH),

@@ -61,7 +61,7 @@ pub mod exit {
 }
 
 /// The socket when `/run` is used (root, or no `XDG_RUNTIME_DIR`).
-pub const SYSTEM_SOCKET: &str = "/run/mistrald/mistrald.sock";
+pub const SYSTEM_SOCKET: &str = crate::config::SYSTEM_SOCKET_PATH;
 
 const LONG_ABOUT: &str = "\
 Command-line client of the mistrald daemon: talks to its OpenAI-compatible HTTP API on its \
@@ -258,15 +258,16 @@ pub fn default_socket_path() -> PathBuf {
     )
 }
 
+/// `$MISTRALD_SOCKET` when set, else the daemon's own default for this runtime directory and
+/// user ([`crate::config::socket_path_for`]), so client and daemon always agree.
 fn socket_path_from(
     socket: Option<std::ffi::OsString>,
     runtime_dir: Option<std::ffi::OsString>,
     root: bool,
 ) -> PathBuf {
-    match (socket, runtime_dir) {
-        (Some(socket), _) if !socket.is_empty() => PathBuf::from(socket),
-        (_, Some(dir)) if !dir.is_empty() && !root => PathBuf::from(dir).join("mistrald.sock"),
-        _ => PathBuf::from(SYSTEM_SOCKET),
+    match socket {
+        Some(socket) if !socket.is_empty() => PathBuf::from(socket),
+        _ => crate::config::socket_path_for(runtime_dir, if root { 0 } else { u32::MAX }),
     }
 }
 
