@@ -170,6 +170,8 @@ pub struct ServerConfig {
         default
     )]
     pub listen: Option<SocketAddr>,
+    /// The D-Bus bus the `org.mistrald.Mistrald1` interface is offered on.
+    pub dbus: DbusBus,
     /// Sequences generating at once (1..=64).
     pub parallel: usize,
     /// Requests that may wait for a free sequence (1..=4096).
@@ -189,6 +191,7 @@ impl Default for ServerConfig {
             socket_mode: SocketMode::default(),
             socket_group: None,
             listen: None,
+            dbus: DbusBus::None,
             parallel: 4,
             queue_size: 64,
             max_body_bytes: 4 << 20,
@@ -366,6 +369,59 @@ impl FromStr for LogLevel {
             "trace" => Ok(LogLevel::Trace),
             _ => Err(format!(
                 "unknown log level '{s}' (expected error, warn, info, debug or trace)"
+            )),
+        }
+    }
+}
+
+/// Which message bus `mistrald serve` offers its D-Bus interface on (`server.dbus`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum DbusBus {
+    /// No D-Bus interface.
+    #[default]
+    None,
+    /// The user's session bus (`DBUS_SESSION_BUS_ADDRESS`): a daemon run by hand on a desktop.
+    Session,
+    /// The system bus (`DBUS_SYSTEM_BUS_ADDRESS`, else `/run/dbus/system_bus_socket`): the
+    /// packaged service; needs the bus policy file that lets it own the name.
+    System,
+}
+
+impl DbusBus {
+    /// The name used in the configuration and on the command line.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DbusBus::None => "none",
+            DbusBus::Session => "session",
+            DbusBus::System => "system",
+        }
+    }
+}
+
+impl fmt::Display for DbusBus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl<'de> Deserialize<'de> for DbusBus {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        String::deserialize(deserializer)?
+            .parse()
+            .map_err(D::Error::custom)
+    }
+}
+
+impl FromStr for DbusBus {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "none" => Ok(DbusBus::None),
+            "session" => Ok(DbusBus::Session),
+            "system" => Ok(DbusBus::System),
+            _ => Err(format!(
+                "unknown D-Bus bus '{s}' (expected none, session or system)"
             )),
         }
     }
@@ -788,6 +844,17 @@ const OPTIONS: &[OptionDesc] = &[
     },
     OptionDesc {
         section: "server",
+        key: "dbus",
+        doc: "Also offer the D-Bus interface org.mistrald.Mistrald1 (for desktop applications) on \
+              this bus: \"none\", \"session\" (the user's bus, for a daemon run by hand) or \
+              \"system\" (the packaged service; needs the bus policy file that lets its user own \
+              the name).",
+        unset: None,
+        flag: Some("--dbus"),
+        check: Check::Type,
+    },
+    OptionDesc {
+        section: "server",
         key: "parallel",
         doc: "Sequences generating at once.",
         unset: None,
@@ -1156,6 +1223,10 @@ impl ServeConfig {
             self.server.listen = Some(listen);
             given.push("server.listen");
         }
+        if let Some(bus) = flags.dbus {
+            self.server.dbus = bus;
+            given.push("server.dbus");
+        }
         if let Some(parallel) = flags.parallel {
             self.server.parallel = parallel;
             given.push("server.parallel");
@@ -1492,6 +1563,9 @@ pub struct ServeFlags {
     /// Also serve the HTTP API on this TCP address (server.listen).
     #[arg(long, value_name = "ADDR:PORT", value_parser = parse_listen)]
     pub listen: Option<SocketAddr>,
+    /// Also offer the D-Bus interface on this bus: none, session or system (server.dbus).
+    #[arg(long, value_name = "BUS")]
+    pub dbus: Option<DbusBus>,
     /// Compute threads (model.threads; default: all cores).
     #[arg(long, value_name = "N")]
     pub threads: Option<usize>,
@@ -2138,6 +2212,27 @@ mod tests {
         let before = config.clone();
         config.apply(&ServeFlags::default()).unwrap();
         assert_eq!(config, before);
+    }
+
+    #[test]
+    fn server_dbus_is_none_by_default_and_set_by_the_file_or_the_flag() {
+        assert_eq!(ServeConfig::default().server.dbus, DbusBus::None);
+        let mut config = parse("[server]\ndbus = \"session\"\n").unwrap();
+        assert_eq!(config.server.dbus, DbusBus::Session);
+        config.apply(&flags(&["--dbus", "system"])).unwrap();
+        assert_eq!(config.server.dbus, DbusBus::System);
+        config.apply(&flags(&["--dbus", "none"])).unwrap();
+        assert_eq!(config.server.dbus, DbusBus::None);
+        let err = parse_err("[server]\nparallel = 2\ndbus = \"user\"\n");
+        assert_eq!(err.key(), Some("server.dbus"), "{err}");
+        assert_eq!(err.line(), Some(3), "{err}");
+        assert!(
+            err.to_string()
+                .contains("unknown D-Bus bus 'user' (expected none, session or system)"),
+            "{err}"
+        );
+        assert!(TestCli::try_parse_from(["mistrald", "--dbus", "user"]).is_err());
+        assert!(print_default().contains("#dbus = \"none\"\n"));
     }
 
     /// Every ranged option that has a flag: an out-of-range flag value names the flag.

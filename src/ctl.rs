@@ -16,6 +16,7 @@
 //! `$XDG_RUNTIME_DIR/mistrald.sock` (when set and not root), else `/run/mistrald/mistrald.sock`
 //! ([`default_socket_path`]); or `--url http://HOST:PORT` talks plain HTTP over TCP to that
 //! address instead (any OpenAI-compatible server, e.g. llama.cpp's `llama-server`).
+//! `--dbus system|session` uses the daemon's D-Bus interface on that bus instead (`ctl/dbus.rs`).
 //!
 //! Exit codes ([`exit`]):
 //!
@@ -30,6 +31,7 @@
 
 pub mod bench;
 mod client;
+mod dbus;
 pub mod sse;
 #[cfg(test)]
 mod tests;
@@ -70,7 +72,8 @@ Unix socket.
 The socket is --socket PATH, else $MISTRALD_SOCKET, else $XDG_RUNTIME_DIR/mistrald.sock (when \
 XDG_RUNTIME_DIR is set and the user is not root), else /run/mistrald/mistrald.sock. \
 --url http://HOST:PORT talks plain HTTP over TCP to that address instead (any OpenAI-compatible \
-server, such as llama.cpp's llama-server).
+server, such as llama.cpp's llama-server). --dbus system|session uses the daemon's D-Bus \
+interface org.mistrald.Mistrald1 on that bus instead (generate, chat, status, models).
 
 Exit status:
   0    success (a reply cut at the token limit only adds a note on stderr)
@@ -104,6 +107,10 @@ pub struct Cli {
         conflicts_with = "socket"
     )]
     pub url: Option<HttpUrl>,
+    /// Use the daemon's D-Bus interface on this bus instead of the socket: system or session
+    /// (none: the socket)
+    #[arg(long, global = true, value_name = "BUS", conflicts_with_all = ["socket", "url"])]
+    pub dbus: Option<crate::config::DbusBus>,
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
@@ -338,6 +345,9 @@ struct Term<'a> {
 
 /// Runs a parsed command line; returns the exit code.
 async fn run(cli: Cli, term: &mut Term<'_>) -> i32 {
+    if let Some(bus) = cli.dbus.filter(|b| *b != crate::config::DbusBus::None) {
+        return dbus::run(bus, cli.command, term).await;
+    }
     let client = match cli.url.clone() {
         Some(url) => Client::tcp(url),
         None => Client::new(cli.socket.clone().unwrap_or_else(default_socket_path)),

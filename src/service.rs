@@ -4,15 +4,19 @@
 //! 2. Logging (plain lines; syslog priority prefixes when stderr goes to the journal).
 //! 3. The plugin host (a `required` plugin that cannot load stops the start).
 //! 4. The Unix socket (and the optional TCP listener) start serving at once: `/health` says
-//!    503 while the model loads on the engine thread, 200 once the scheduler runs.
+//!    503 while the model loads on the engine thread, 200 once the scheduler runs. With
+//!    `server.dbus`, the D-Bus interface connects to its bus at once too (calls get `NotReady`
+//!    while loading) and requests its well-known name once the model is loaded.
 //! 5. Signals: SIGHUP reloads limits and plugins from the configuration file (an invalid file
 //!    is logged and the old settings stay); SIGTERM/SIGINT stop accepting, let requests in
 //!    flight finish for `shutdown_grace` seconds, end the rest (streams get a final error
-//!    event), remove the socket and exit 0.
+//!    event, D-Bus requests a last `Done` signal), release the D-Bus name, remove the socket
+//!    and exit 0.
 
+use crate::api::dbus::DbusServer;
 use crate::api::{http, socket, ReadyParts, Service, ServiceLimits};
 use crate::chat::ChatTemplate;
-use crate::config::{ServeConfig, ServeFlags};
+use crate::config::{DbusBus, ServeConfig, ServeFlags};
 use crate::engine::prompt_cache::PromptCacheConfig;
 use crate::engine::scheduler::{self, SchedulerConfig, SchedulerHandle};
 use crate::engine::Engine;
@@ -97,6 +101,12 @@ async fn serve(
         ),
         None => None,
     };
+    // The D-Bus front end connects now (a bus it cannot reach stops the start); it requests its
+    // name once the model is loaded.
+    let dbus = match config.server.dbus {
+        DbusBus::None => None,
+        bus => Some(DbusServer::start(bus, service.clone()).await?),
+    };
     let (stop_tx, stop_rx) = watch::channel(false);
     let stopped = |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
@@ -135,7 +145,14 @@ async fn serve(
             result = &mut loading, if !loaded => {
                 loaded = true;
                 match result {
-                    Ok(Ok(parts)) => service.set_ready(parts),
+                    Ok(Ok(parts)) => {
+                        service.set_ready(parts);
+                        if let Some(dbus) = &dbus {
+                            if let Err(e) = dbus.claim_name().await {
+                                break Err(e);
+                            }
+                        }
+                    }
                     Ok(Err(e)) => break Err(e),
                     Err(e) => break Err(anyhow::anyhow!("model loading panicked: {e}")),
                 }
@@ -153,6 +170,9 @@ async fn serve(
     // Stop accepting; let requests in flight finish within the grace period.
     service.begin_shutdown();
     let _ = stop_tx.send(true);
+    if let Some(dbus) = &dbus {
+        dbus.begin_shutdown().await;
+    }
     if let Some(scheduler) = service.scheduler() {
         let grace = file_config.shutdown_grace();
         let deadline = Instant::now() + grace;
@@ -180,6 +200,9 @@ async fn serve(
             Ok(Err(e)) => log::warn!("a listener task failed: {e}"),
             Err(_) => log::warn!("connections still open after shutdown; closing them"),
         }
+    }
+    if let Some(dbus) = dbus {
+        dbus.finish(Duration::from_secs(5)).await;
     }
     drop(guard);
     match &exit {

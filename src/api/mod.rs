@@ -1,11 +1,12 @@
 //! The daemon's front ends and what they share.
 //!
-//! Both front ends (HTTP on the Unix socket / TCP in [`http`], D-Bus in a later module) turn
+//! Both front ends (HTTP on the Unix socket / TCP in [`http`], D-Bus in [`dbus`]) turn
 //! their wire format into one [`ApiRequest`], hand it to the [`Service`] and turn the
 //! [`Event`]s of the returned [`RequestStream`] back into their wire format. Everything else —
 //! plugins (`on-prompt`, `on-chunk`, `on-complete`), the chat template, tokenization, limits,
 //! the scheduler — is implemented once, behind [`Service`], so both front ends behave alike.
 
+pub mod dbus;
 pub mod http;
 pub mod openai;
 mod service;

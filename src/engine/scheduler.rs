@@ -475,8 +475,13 @@ impl Worker {
                 }
                 continue;
             }
+            let admitting = !admitted.is_empty();
             for (req, t) in admitted {
                 self.admit(req, t);
+            }
+            if admitting {
+                // Status counts a request as active before any of its tokens is sent.
+                self.publish();
             }
             self.drop_cancelled();
             if self.active.is_empty() {
@@ -501,8 +506,16 @@ impl Worker {
 
     fn admit(&mut self, mut req: SeqRequest, enqueued: Instant) {
         if req.cancel.load(Ordering::Relaxed) {
-            (req.sink)(SeqEvent::Failed("cancelled before it started".into()));
             self.count_finished();
+            (req.sink)(SeqEvent::Done(SeqSummary {
+                finish: FinishReason::Cancelled,
+                prompt_tokens: req.prompt.len(),
+                cached_tokens: 0,
+                generated_tokens: 0,
+                queued: enqueued.elapsed(),
+                time_to_first_token: None,
+                decode: Duration::ZERO,
+            }));
             return;
         }
         let generation = match Generation::new(&req.params, &req.prompt) {

@@ -3,6 +3,8 @@
 
 #[cfg(feature = "daemon")]
 pub mod daemon;
+#[cfg(feature = "daemon")]
+pub mod dbus;
 #[cfg(feature = "plugins")]
 pub mod plugins;
 pub mod reference;
