@@ -131,6 +131,10 @@ fn a_full_queue_is_busy_and_bad_options_are_invalid_arguments_naming_them() {
         let proxy = bus.proxy().await;
         let mut dones = proxy.receive_done().await.unwrap();
         let running = proxy.generate("Never", long()).await.unwrap();
+        // Until the engine thread admits it, the first request holds the one queue place.
+        while status(&d).await["active"] != 1 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         let queued = proxy.generate("Always", long()).await.unwrap();
         loop {
             let s = status(&d).await;
