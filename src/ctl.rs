@@ -541,20 +541,8 @@ impl Term<'_> {
         let mut outcome = Outcome::default();
         while let Some(bytes) = reply.chunk().await? {
             for event in parser.push(&bytes) {
-                if event.data.trim() == "[DONE]" {
+                let Some(chunk) = sse::chunk_json(event)? else {
                     return Ok(outcome);
-                }
-                let chunk: Value = match serde_json::from_str(&event.data) {
-                    Ok(chunk) => chunk,
-                    Err(_) if event.event.as_deref() == Some("error") => {
-                        return Err(CtlError::Stream(event.data));
-                    }
-                    Err(e) => {
-                        return Err(CtlError::Protocol(format!(
-                            "the daemon sent an event that is not valid JSON ({e}): {}",
-                            event.data
-                        )))
-                    }
                 };
                 let text = outcome.apply_chunk(&chunk, chat)?;
                 self.write_out(&text)?;
@@ -636,6 +624,59 @@ async fn generate(
     term.finish(&outcome, args.options.usage)
 }
 
+/// What a line typed in `chat` asks for.
+enum ChatLine {
+    /// A user message.
+    Message(String),
+    /// `/reset`: forget the conversation (the system message stays).
+    Reset,
+    /// `/quit`, `/exit` or end of input.
+    Quit,
+}
+
+impl Term<'_> {
+    /// Reads the next chat line (prompting with `> ` on a terminal), skipping blank lines;
+    /// Ctrl-C is [`CtlError::Interrupted`]. Shared by the socket and D-Bus chats.
+    async fn read_chat_line(&mut self) -> Result<ChatLine, CtlError> {
+        loop {
+            if self.interactive {
+                let _ = write!(self.err, "> ");
+                let _ = self.err.flush();
+            }
+            let mut line = String::new();
+            let mut interrupt = (self.interrupt)();
+            let read = tokio::select! {
+                biased;
+                _ = &mut interrupt => {
+                    if self.interactive {
+                        let _ = writeln!(self.err);
+                    }
+                    return Err(CtlError::Interrupted);
+                }
+                read = self.input.read_line(&mut line) => read.map_err(CtlError::Input)?,
+            };
+            if read == 0 {
+                if self.interactive {
+                    let _ = writeln!(self.err);
+                }
+                return Ok(ChatLine::Quit);
+            }
+            let message = line.trim_end_matches(['\n', '\r']);
+            match message.trim() {
+                "" => continue,
+                "/quit" | "/exit" => return Ok(ChatLine::Quit),
+                "/reset" => {
+                    if self.interactive {
+                        let _ = writeln!(self.err, "(conversation cleared)");
+                    }
+                    return Ok(ChatLine::Reset);
+                }
+                _ => return Ok(ChatLine::Message(message.to_string())),
+            }
+        }
+    }
+}
+
 async fn chat(client: &Client, args: &ChatArgs, term: &mut Term<'_>) -> Result<(), CtlError> {
     let mut history = Vec::new();
     if let Some(system) = &args.system {
@@ -650,41 +691,14 @@ async fn chat(client: &Client, args: &ChatArgs, term: &mut Term<'_>) -> Result<(
         );
     }
     loop {
-        if term.interactive {
-            let _ = write!(term.err, "> ");
-            let _ = term.err.flush();
-        }
-        let mut line = String::new();
-        let mut interrupt = (term.interrupt)();
-        let read = tokio::select! {
-            biased;
-            _ = &mut interrupt => {
-                if term.interactive {
-                    let _ = writeln!(term.err);
-                }
-                return Err(CtlError::Interrupted);
-            }
-            read = term.input.read_line(&mut line) => read.map_err(CtlError::Input)?,
-        };
-        if read == 0 {
-            if term.interactive {
-                let _ = writeln!(term.err);
-            }
-            return Ok(());
-        }
-        let message = line.trim_end_matches(['\n', '\r']);
-        match message.trim() {
-            "" => continue,
-            "/quit" | "/exit" => return Ok(()),
-            "/reset" => {
+        let message = match term.read_chat_line().await? {
+            ChatLine::Quit => return Ok(()),
+            ChatLine::Reset => {
                 history.truncate(kept);
-                if term.interactive {
-                    let _ = writeln!(term.err, "(conversation cleared)");
-                }
                 continue;
             }
-            _ => {}
-        }
+            ChatLine::Message(message) => message,
+        };
         history.push(json!({ "role": "user", "content": message }));
         let body = args
             .options

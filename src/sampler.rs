@@ -61,6 +61,15 @@ impl SamplerConfig {
         }
     }
 
+    /// What the daemon's APIs (HTTP and D-Bus) use when a request sets nothing: OpenAI's
+    /// defaults — temperature 1 and no top-k, top-p, min-p or penalties.
+    pub fn api_default() -> SamplerConfig {
+        SamplerConfig {
+            temperature: 1.0,
+            ..SamplerConfig::greedy()
+        }
+    }
+
     /// Checks ranges; the message names the offending setting.
     pub fn validate(&self) -> Result<(), String> {
         if !(self.temperature.is_finite() && self.temperature >= 0.0 && self.temperature <= 100.0) {

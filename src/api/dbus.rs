@@ -327,17 +327,7 @@ where
     let mut out = RequestOptions {
         max_tokens: None,
         stop: Vec::new(),
-        sampler: SamplerConfig {
-            temperature: 1.0,
-            top_k: 0,
-            top_p: 1.0,
-            min_p: 0.0,
-            repeat_penalty: 1.0,
-            presence_penalty: 0.0,
-            frequency_penalty: 0.0,
-            seed: None,
-            ..SamplerConfig::greedy()
-        },
+        sampler: SamplerConfig::api_default(),
         ignore_eos: false,
     };
     // Sorted, so that the first of several bad options is reported the same way each time.

@@ -228,17 +228,7 @@ pub fn parse_request(
 }
 
 fn parse_sampler(f: &Fields) -> Result<SamplerConfig, ApiError> {
-    let mut s = SamplerConfig {
-        temperature: 1.0,
-        top_k: 0,
-        top_p: 1.0,
-        min_p: 0.0,
-        repeat_penalty: 1.0,
-        presence_penalty: 0.0,
-        frequency_penalty: 0.0,
-        seed: None,
-        ..SamplerConfig::greedy()
-    };
+    let mut s = SamplerConfig::api_default();
     if let Some(t) = f.number("temperature", 0.0, true, 2.0)? {
         s.temperature = t;
     }

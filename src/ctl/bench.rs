@@ -331,21 +331,9 @@ async fn stream_completion(
     while let Some(bytes) = reply.chunk().await? {
         let now = Instant::now();
         for event in parser.push(&bytes) {
-            if event.data.trim() == "[DONE]" {
+            let Some(chunk) = crate::ctl::sse::chunk_json(event)? else {
                 streamed.ended = now;
                 return Ok(streamed);
-            }
-            let chunk: Value = match serde_json::from_str(&event.data) {
-                Ok(chunk) => chunk,
-                Err(_) if event.event.as_deref() == Some("error") => {
-                    return Err(CtlError::Stream(event.data));
-                }
-                Err(e) => {
-                    return Err(CtlError::Protocol(format!(
-                        "the server sent an event that is not valid JSON ({e}): {}",
-                        event.data
-                    )))
-                }
             };
             if let Some(error) = chunk.get("error") {
                 let message = error

@@ -15,7 +15,7 @@ use crate::config::DbusBus;
 use futures_util::{FutureExt as _, StreamExt as _};
 use hyper::StatusCode;
 use std::collections::HashMap;
-use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _};
+use tokio::io::AsyncReadExt as _;
 use zbus::zvariant::{OwnedValue, Value};
 
 /// Why a command over D-Bus failed.
@@ -367,42 +367,15 @@ async fn chat(bus: DbusBus, args: &ChatArgs, term: &mut Term<'_>) -> Result<(), 
         );
     }
     loop {
-        if term.interactive {
-            let _ = write!(term.err, "> ");
-            let _ = term.err.flush();
-        }
-        let mut line = String::new();
-        let mut interrupt = (term.interrupt)();
-        let read = tokio::select! {
-            biased;
-            _ = &mut interrupt => {
-                if term.interactive {
-                    let _ = writeln!(term.err);
-                }
-                return Err(CtlError::Interrupted.into());
-            }
-            read = term.input.read_line(&mut line) => read.map_err(CtlError::Input)?,
-        };
-        if read == 0 {
-            if term.interactive {
-                let _ = writeln!(term.err);
-            }
-            return Ok(());
-        }
-        let message = line.trim_end_matches(['\n', '\r']);
-        match message.trim() {
-            "" => continue,
-            "/quit" | "/exit" => return Ok(()),
-            "/reset" => {
+        let message = match term.read_chat_line().await? {
+            super::ChatLine::Quit => return Ok(()),
+            super::ChatLine::Reset => {
                 history.truncate(kept);
-                if term.interactive {
-                    let _ = writeln!(term.err, "(conversation cleared)");
-                }
                 continue;
             }
-            _ => {}
-        }
-        history.push(("user".into(), message.to_string()));
+            super::ChatLine::Message(message) => message,
+        };
+        history.push(("user".into(), message));
         let result = match generate_text(
             &proxy,
             bus,

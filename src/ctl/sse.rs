@@ -104,6 +104,25 @@ impl SseParser {
     }
 }
 
+/// The JSON of one completion-stream event: `None` at `data: [DONE]`; an `error` event whose
+/// data is not JSON is a [`CtlError::Stream`], any other non-JSON data a protocol error.
+pub(crate) fn chunk_json(
+    event: SseEvent,
+) -> Result<Option<serde_json::Value>, crate::ctl::CtlError> {
+    use crate::ctl::CtlError;
+    if event.data.trim() == "[DONE]" {
+        return Ok(None);
+    }
+    match serde_json::from_str(&event.data) {
+        Ok(chunk) => Ok(Some(chunk)),
+        Err(_) if event.event.as_deref() == Some("error") => Err(CtlError::Stream(event.data)),
+        Err(e) => Err(CtlError::Protocol(format!(
+            "the server sent an event that is not valid JSON ({e}): {}",
+            event.data
+        ))),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
