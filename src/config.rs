@@ -1019,13 +1019,22 @@ const OPTIONS: &[OptionDesc] = &[
         doc: "Directory for compiled plugin code, so that a restart does not compile unchanged \
               plugins again.",
         unset: Some(Unset {
-            meaning: "no cache",
+            meaning: "$CACHE_DIRECTORY/plugins when systemd sets CACHE_DIRECTORY (the \
+                      service's CacheDirectory=), else no cache",
             example: "\"/var/cache/mistrald/plugins\"",
         }),
         flag: None,
         check: Check::Type,
     },
 ];
+
+/// The compiled-plugin cache under the service's cache directory: `$CACHE_DIRECTORY/plugins`
+/// (the first directory when systemd lists several), when systemd set `CACHE_DIRECTORY`.
+fn service_cache_dir() -> Option<PathBuf> {
+    let dirs = std::env::var_os("CACHE_DIRECTORY")?;
+    let first = std::env::split_paths(&dirs).next()?;
+    (!first.as_os_str().is_empty()).then(|| first.join("plugins"))
+}
 
 /// The descriptor of `section.key`.
 fn option_desc(path: &str) -> Option<&'static OptionDesc> {
@@ -1176,6 +1185,9 @@ impl ServeConfig {
     pub fn from_flags(flags: &ServeFlags) -> Result<(ServeConfig, Option<PathBuf>), ConfigError> {
         let (mut config, file) = ServeConfig::resolve(flags.config.as_deref())?;
         config.apply(flags)?;
+        if config.plugins.cache_dir.is_none() {
+            config.plugins.cache_dir = service_cache_dir();
+        }
         Ok((config, file))
     }
 

@@ -23,4 +23,6 @@ pub mod plugins;
 pub mod sampler;
 #[cfg(feature = "daemon")]
 pub mod service;
+#[cfg(feature = "daemon")]
+pub mod systemd;
 pub mod tokenizer;

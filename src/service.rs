@@ -4,14 +4,21 @@
 //! 2. Logging (plain lines; syslog priority prefixes when stderr goes to the journal).
 //! 3. The plugin host (a `required` plugin that cannot load stops the start).
 //! 4. The Unix socket (and the optional TCP listener) start serving at once: `/health` says
-//!    503 while the model loads on the engine thread, 200 once the scheduler runs. With
-//!    `server.dbus`, the D-Bus interface connects to its bus at once too (calls get `NotReady`
-//!    while loading) and requests its well-known name once the model is loaded.
-//! 5. Signals: SIGHUP reloads limits and plugins from the configuration file (an invalid file
-//!    is logged and the old settings stay); SIGTERM/SIGINT stop accepting, let requests in
-//!    flight finish for `shutdown_grace` seconds, end the rest (streams get a final error
-//!    event, D-Bus requests a last `Done` signal), release the D-Bus name, remove the socket
-//!    and exit 0.
+//!    503 while the model loads on the engine thread, 200 once the scheduler runs. Sockets
+//!    passed by the service manager (socket activation, [`crate::systemd`]) are used instead
+//!    of binding our own. With `server.dbus`, the D-Bus interface connects to its bus at once
+//!    too (calls get `NotReady` while loading) and requests its well-known name once the model
+//!    is loaded.
+//! 5. The service manager hears `STATUS=` lines while the model loads (with the repack's
+//!    progress, and `EXTEND_TIMEOUT_USEC` while it advances), `READY=1` once the model is
+//!    loaded and every interface listens, a serving status every few seconds when it changed,
+//!    and `WATCHDOG=1` from the engine loop itself when `WATCHDOG_USEC` is set.
+//! 6. Signals: SIGHUP reloads limits and plugins from the configuration file
+//!    (`RELOADING=1` … `READY=1`; an invalid file is logged and the old settings stay);
+//!    SIGTERM/SIGINT (`STOPPING=1`) stop accepting, let requests in flight finish for
+//!    `shutdown_grace` seconds, end the rest (streams get a final error event, D-Bus requests
+//!    a last `Done` signal), release the D-Bus name, remove the socket (unless it was
+//!    inherited) and exit 0.
 
 use crate::api::dbus::DbusServer;
 use crate::api::{http, socket, ReadyParts, Service, ServiceLimits};
@@ -24,10 +31,12 @@ use crate::metrics::Metrics;
 use crate::model::bundled::resolve_model;
 use crate::model::{MappedGguf, Model};
 use crate::plugins::PluginHost;
+use crate::systemd::{take_inherited_sockets, InheritedSockets, ServiceManager};
 use crate::tokenizer::Tokenizer;
 use anyhow::Context as _;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::signal::unix::{signal, SignalKind};
@@ -35,6 +44,9 @@ use tokio::sync::watch;
 
 /// Runs the daemon until SIGTERM or SIGINT; `Ok` after a clean shutdown.
 pub fn run(flags: ServeFlags) -> anyhow::Result<()> {
+    // SAFETY: nothing has started a thread yet (this edits the environment).
+    let inherited = unsafe { take_inherited_sockets() }?;
+    let manager = Arc::new(ServiceManager::from_env());
     let (config, file) = ServeConfig::from_flags(&flags)?;
     let gid = config.socket_gid()?;
     init_logging(config.server.log_level.filter());
@@ -59,7 +71,27 @@ pub fn run(flags: ServeFlags) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    runtime.block_on(serve(config, flags, model_path, Arc::new(host), gid))
+    runtime.block_on(serve(Startup {
+        config,
+        flags,
+        model_path,
+        plugins: Arc::new(host),
+        gid,
+        inherited,
+        manager,
+    }))
+}
+
+/// What `serve` starts from.
+struct Startup {
+    config: ServeConfig,
+    flags: ServeFlags,
+    model_path: PathBuf,
+    plugins: Arc<PluginHost>,
+    gid: Option<u32>,
+    /// Sockets passed by the service manager (socket activation).
+    inherited: InheritedSockets,
+    manager: Arc<ServiceManager>,
 }
 
 /// The limits of the configuration.
@@ -72,13 +104,16 @@ pub fn limits_of(config: &ServeConfig) -> ServiceLimits {
     }
 }
 
-async fn serve(
-    config: ServeConfig,
-    flags: ServeFlags,
-    model_path: PathBuf,
-    plugins: Arc<PluginHost>,
-    gid: Option<u32>,
-) -> anyhow::Result<()> {
+async fn serve(startup: Startup) -> anyhow::Result<()> {
+    let Startup {
+        config,
+        flags,
+        model_path,
+        plugins,
+        gid,
+        inherited,
+        manager,
+    } = startup;
     let metrics = Arc::new(Metrics::new());
     let service = Service::new(
         &model_path,
@@ -91,16 +126,54 @@ async fn serve(
     let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
     let mut int = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
 
-    let socket_path = config.socket_path();
-    let (listener, guard) = socket::bind_unix_socket(&socket_path, config.socket_mode(), gid)?;
-    let tcp = match config.server.listen {
-        Some(addr) => Some(
-            tokio::net::TcpListener::bind(addr)
-                .await
-                .with_context(|| format!("cannot listen on {addr}"))?,
-        ),
-        None => None,
-    };
+    // The HTTP API's sockets: those the service manager passed (socket activation), else our
+    // own. An inherited socket belongs to the service manager: it is not removed at exit.
+    let mut unix_listeners = Vec::new();
+    let mut guard = None;
+    if inherited.unix.is_empty() {
+        let socket_path = config.socket_path();
+        let (listener, g) = socket::bind_unix_socket(&socket_path, config.socket_mode(), gid)?;
+        log::info!(
+            "listening on {} (mode {:o})",
+            socket_path.display(),
+            config.socket_mode()
+        );
+        unix_listeners.push(listener);
+        guard = Some(g);
+    } else {
+        for (listener, path) in inherited.unix {
+            listener
+                .set_nonblocking(true)
+                .context("cannot use the inherited socket")?;
+            unix_listeners.push(tokio::net::UnixListener::from_std(listener)?);
+            log::info!(
+                "listening on {} (passed by the service manager)",
+                path.display()
+            );
+        }
+    }
+    let mut tcp_listeners = Vec::new();
+    if inherited.tcp.is_empty() {
+        if let Some(addr) = config.server.listen {
+            tcp_listeners.push(
+                tokio::net::TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("cannot listen on {addr}"))?,
+            );
+        }
+    } else {
+        if let Some(addr) = config.server.listen {
+            log::warn!(
+                "server.listen ({addr}) is not used: the service manager passed TCP sockets"
+            );
+        }
+        for listener in inherited.tcp {
+            listener
+                .set_nonblocking(true)
+                .context("cannot use the inherited TCP socket")?;
+            tcp_listeners.push(tokio::net::TcpListener::from_std(listener)?);
+        }
+    }
     // The D-Bus front end connects now (a bus it cannot reach stops the start); it requests its
     // name once the model is loaded.
     let dbus = match config.server.dbus {
@@ -112,17 +185,14 @@ async fn serve(
         let _ = rx.wait_for(|s| *s).await;
     };
     let mut servers = Vec::new();
-    servers.push(tokio::spawn(http::serve_unix(
-        listener,
-        service.clone(),
-        stopped(stop_rx.clone()),
-    )));
-    log::info!(
-        "listening on {} (mode {:o})",
-        socket_path.display(),
-        config.socket_mode()
-    );
-    if let Some(tcp) = tcp {
+    for listener in unix_listeners {
+        servers.push(tokio::spawn(http::serve_unix(
+            listener,
+            service.clone(),
+            stopped(stop_rx.clone()),
+        )));
+    }
+    for tcp in tcp_listeners {
         log::info!("listening on http://{}", tcp.local_addr()?);
         servers.push(tokio::spawn(http::serve_tcp(
             tcp,
@@ -131,13 +201,24 @@ async fn serve(
         )));
     }
 
+    let progress = Arc::new(LoadProgress::default());
     let loading = tokio::task::spawn_blocking({
         let config = config.clone();
         let metrics = metrics.clone();
         let model_path = model_path.clone();
-        move || load(&config, &model_path, metrics)
+        let progress = progress.clone();
+        move || load(&config, &model_path, metrics, &progress)
     });
     tokio::pin!(loading);
+    let model_name = model_path.file_name().map_or_else(
+        || model_path.display().to_string(),
+        |n| n.to_string_lossy().into_owned(),
+    );
+    manager.status(&format!("Loading model {model_name}"));
+    let mut status_tick = tokio::time::interval(Duration::from_secs(2));
+    status_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_done = 0;
+    let mut last_status = String::new();
     let mut loaded = false;
     let mut file_config = config;
     let exit: anyhow::Result<()> = loop {
@@ -152,20 +233,69 @@ async fn serve(
                                 break Err(e);
                             }
                         }
+                        if let (Some(scheduler), Some(pinger)) =
+                            (service.scheduler(), manager.watchdog_pinger())
+                        {
+                            scheduler.on_heartbeat(move || pinger.beat());
+                            log::info!(
+                                "watchdog: {:.0} s, fed by the engine loop",
+                                manager.watchdog_interval().unwrap_or_default().as_secs_f64()
+                            );
+                        }
+                        last_status = serving_status(&service);
+                        manager.ready(&last_status);
                     }
                     Ok(Err(e)) => break Err(e),
                     Err(e) => break Err(anyhow::anyhow!("model loading panicked: {e}")),
                 }
             }
+            _ = status_tick.tick() => {
+                if !loaded {
+                    // While weights are converted, ask for more start time as long as it
+                    // advances (a 7B model read from an SD card takes minutes).
+                    let (done, total) = progress.get();
+                    let line = match total {
+                        0 => format!("Loading model {model_name}"),
+                        _ => format!(
+                            "Loading model {model_name}: {}% of {:.0} MiB",
+                            done * 100 / total,
+                            total as f64 / 1048576.0
+                        ),
+                    };
+                    if done > last_done {
+                        manager.extend_start_timeout(Duration::from_secs(30), &line);
+                        last_done = done;
+                    } else {
+                        manager.status(&line);
+                    }
+                } else {
+                    let line = serving_status(&service);
+                    if line != last_status {
+                        manager.status(&line);
+                        last_status = line;
+                    }
+                }
+            }
             _ = hup.recv() => {
+                manager.reloading();
                 if let Some(new) = reload(&service, &plugins, &flags) {
                     file_config = new;
                 }
+                last_status = if loaded {
+                    serving_status(&service)
+                } else {
+                    format!("Loading model {model_name}")
+                };
+                manager.ready(&last_status);
             }
             _ = term.recv() => { log::info!("SIGTERM: shutting down"); break Ok(()); }
             _ = int.recv() => { log::info!("SIGINT: shutting down"); break Ok(()); }
         }
     };
+    match &exit {
+        Ok(()) => manager.stopping("Stopping: finishing the requests in flight"),
+        Err(e) => manager.stopping(&format!("Failed: {e:#}")),
+    }
 
     // Stop accepting; let requests in flight finish within the grace period.
     service.begin_shutdown();
@@ -212,11 +342,47 @@ async fn serve(
     exit
 }
 
+/// Bytes of weights placed so far and in all, while the model loads.
+#[derive(Default)]
+struct LoadProgress {
+    done: AtomicU64,
+    total: AtomicU64,
+}
+
+impl LoadProgress {
+    fn set(&self, done: u64, total: u64) {
+        self.total.store(total, Ordering::Relaxed);
+        self.done.store(done, Ordering::Relaxed);
+    }
+
+    fn get(&self) -> (u64, u64) {
+        (
+            self.done.load(Ordering::Relaxed),
+            self.total.load(Ordering::Relaxed),
+        )
+    }
+}
+
+/// The status line while serving: what `systemctl status mistrald` shows.
+fn serving_status(service: &Service) -> String {
+    match service.scheduler() {
+        Some(s) => {
+            let st = s.stats();
+            format!(
+                "Serving: {} active, {} queued, {:.1} tokens/s, {} requests done",
+                st.active, st.queued, st.tokens_per_second, st.finished
+            )
+        }
+        None => "Serving".to_string(),
+    }
+}
+
 /// Loads the model on the engine thread and starts the scheduler.
 fn load(
     config: &ServeConfig,
     model_path: &Path,
     metrics: Arc<Metrics>,
+    progress: &Arc<LoadProgress>,
 ) -> anyhow::Result<ReadyParts> {
     let t0 = Instant::now();
     let file = MappedGguf::open(model_path)?;
@@ -227,6 +393,7 @@ fn load(
     let load_options = config.load_options();
     let n_vocab = tokenizer.vocab_size();
     let path = model_path.to_path_buf();
+    let progress = progress.clone();
     let sched_cfg = SchedulerConfig {
         parallel: config.server.parallel,
         queue_capacity: config.server.queue_size,
@@ -239,7 +406,10 @@ fn load(
     };
     let (scheduler, info) = scheduler::start(
         move || {
-            let model = Model::load_with(MappedGguf::open(&path)?, load_options)?;
+            let model =
+                Model::load_reporting(MappedGguf::open(&path)?, load_options, &mut |d, t| {
+                    progress.set(d, t)
+                })?;
             anyhow::ensure!(
                 model.hparams.n_vocab == n_vocab,
                 "{}: the tokenizer has {n_vocab} tokens but the embedding matrix has {} rows",

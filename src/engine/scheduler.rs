@@ -24,7 +24,7 @@ use crate::metrics::Metrics;
 use crate::tokenizer::Tokenizer;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -163,6 +163,8 @@ struct Shared {
     stats: Mutex<SchedulerStats>,
     rate: Mutex<VecDeque<(Instant, usize)>>,
     heartbeat: AtomicU64,
+    /// Called by the engine loop on every iteration (the service manager's watchdog).
+    on_heartbeat: OnceLock<Box<dyn Fn() + Send + Sync>>,
     started: Instant,
     metrics: Arc<Metrics>,
     n_vocab: usize,
@@ -252,6 +254,7 @@ pub fn start(
                 stats: Mutex::new(SchedulerStats::default()),
                 rate: Mutex::new(VecDeque::new()),
                 heartbeat: AtomicU64::new(0),
+                on_heartbeat: OnceLock::new(),
                 started: Instant::now(),
                 metrics,
             });
@@ -355,6 +358,13 @@ impl SchedulerHandle {
     /// half second even when idle), for a watchdog that checks the engine, not just the process.
     pub fn heartbeat_ms(&self) -> u64 {
         self.shared.heartbeat.load(Ordering::Relaxed)
+    }
+
+    /// Has the engine loop call `f` on every iteration (at least every half second when idle,
+    /// after every step when busy): a watchdog fed by it sees a hung engine, not just a live
+    /// process. Only the first hook set is kept.
+    pub fn on_heartbeat(&self, f: impl Fn() + Send + Sync + 'static) {
+        let _ = self.shared.on_heartbeat.set(Box::new(f));
     }
 
     /// Milliseconds since the scheduler started.
@@ -502,6 +512,9 @@ impl Worker {
             self.shared.started.elapsed().as_millis() as u64,
             Ordering::Relaxed,
         );
+        if let Some(hook) = self.shared.on_heartbeat.get() {
+            hook();
+        }
     }
 
     fn admit(&mut self, mut req: SeqRequest, enqueued: Instant) {

@@ -82,6 +82,16 @@ impl Model {
 
     /// [`Model::load`] with options.
     pub fn load_with(file: MappedGguf, opts: LoadOptions) -> anyhow::Result<Model> {
+        Model::load_reporting(file, opts, &mut |_, _| {})
+    }
+
+    /// [`Model::load_with`], calling `progress(done, total)` with the bytes of weights placed
+    /// so far as the repack converts them (the slow part of loading a big model).
+    pub fn load_reporting(
+        file: MappedGguf,
+        opts: LoadOptions,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> anyhow::Result<Model> {
         let g = &file.info;
         let hp = HParams::from_gguf(g)?;
         if hp.n_vocab == 0 {
@@ -179,7 +189,9 @@ impl Model {
                 .into());
         }
         let repack_buffer = match &repack {
-            Some(r) if !to_repack.is_empty() => Some(repack_weights(r, &to_repack, &file)?),
+            Some(r) if !to_repack.is_empty() => {
+                Some(repack_weights(r, &to_repack, &file, progress)?)
+            }
             _ => None,
         };
         let repacked_bytes = to_repack.iter().map(|(t, _)| t.nbytes() as u64).sum();
@@ -266,6 +278,7 @@ fn repack_weights(
     r: &RepackBufferType,
     tensors: &[(Tensor<'static>, u64)],
     file: &MappedGguf,
+    progress: &mut dyn FnMut(u64, u64),
 ) -> anyhow::Result<BackendBuffer> {
     let align = r.alignment().max(1);
     let mut offsets = Vec::with_capacity(tensors.len());
@@ -275,6 +288,8 @@ fn repack_weights(
         total += r.alloc_size(*t).next_multiple_of(align);
     }
     let buf = r.alloc(total)?;
+    let weight_bytes: u64 = tensors.iter().map(|(t, _)| t.nbytes() as u64).sum();
+    let mut done = 0u64;
     let data = &file.mmap[file.info.data_offset as usize..];
     // SAFETY: sysconf has no preconditions.
     let page = (unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).max(4096) as usize;
@@ -290,6 +305,8 @@ fn repack_weights(
             // SAFETY: the range lies inside the read-only map and is never read again.
             unsafe { libc::madvise(begin as *mut libc::c_void, end - begin, libc::MADV_DONTNEED) };
         }
+        done += t.nbytes() as u64;
+        progress(done, weight_bytes);
     }
     Ok(buf)
 }

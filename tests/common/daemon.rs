@@ -36,6 +36,19 @@ impl Daemon {
 
     /// Starts it without waiting.
     pub fn spawn(config: &str, flags: &[&str]) -> Daemon {
+        Daemon::spawn_custom(config, flags, false, |_| {})
+    }
+
+    /// [`Daemon::spawn`] with `customize` applied to the command before it starts. With
+    /// `listen_pid`, the daemon gets `LISTEN_PID` = its own pid, as a service manager sets it
+    /// for socket activation: it is started through `sh -c 'LISTEN_PID=$$ exec mistrald …'`
+    /// (`exec` keeps the shell's pid).
+    pub fn spawn_custom(
+        config: &str,
+        flags: &[&str],
+        listen_pid: bool,
+        customize: impl FnOnce(&mut Command),
+    ) -> Daemon {
         let dir = tempfile::tempdir().unwrap();
         let given = flags
             .iter()
@@ -45,7 +58,19 @@ impl Daemon {
         let config_path = dir.path().join("config.toml");
         std::fs::write(&config_path, config).unwrap();
         let log = dir.path().join("daemon.log");
-        let child = Command::new(env!("CARGO_BIN_EXE_mistrald"))
+        let bin = env!("CARGO_BIN_EXE_mistrald");
+        let mut command = if listen_pid {
+            let mut c = Command::new("sh");
+            c.args([
+                "-c",
+                "LISTEN_PID=$$; export LISTEN_PID; exec \"$0\" \"$@\"",
+                bin,
+            ]);
+            c
+        } else {
+            Command::new(bin)
+        };
+        command
             .arg("serve")
             .arg("--config")
             .arg(&config_path)
@@ -58,11 +83,16 @@ impl Daemon {
             .env("MISTRALD_CONFIG", dir.path().join("no-system-config.toml"))
             .env_remove("RUST_LOG")
             .env_remove("JOURNAL_STREAM")
+            .env_remove("NOTIFY_SOCKET")
+            .env_remove("WATCHDOG_USEC")
+            .env_remove("LISTEN_FDS")
+            .env_remove("LISTEN_PID")
+            .env_remove("CACHE_DIRECTORY")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .expect("start mistrald serve");
+            .stderr(std::fs::File::create(&log).unwrap());
+        customize(&mut command);
+        let child = command.spawn().expect("start mistrald serve");
         Daemon {
             child: Some(child),
             dir,

@@ -11,3 +11,4 @@ mod api;
 mod bad_input;
 mod load;
 mod plugins;
+mod systemd;
