@@ -40,7 +40,9 @@
 //! messages. The options a{sv} accept any D-Bus integer or floating type for numbers
 //! (`y n q i u x t d`), since stock clients differ in what they send ([`parse_options`]).
 
-use super::{ApiError, ApiRequest, Event, Peer, PromptInput, RequestStream, Service};
+use super::{
+    ApiError, ApiRequest, Event, Peer, PromptInput, RequestStream, SamplingOption, Service,
+};
 use crate::chat::ChatMessage;
 use crate::config::DbusBus;
 use crate::sampler::SamplerConfig;
@@ -73,7 +75,9 @@ pub const PROPERTIES_INTERVAL: Duration = Duration::from_millis(250);
 /// The introspection XML checked into the repository: the interface's contract.
 pub const INTROSPECTION_XML: &str = include_str!("../../systemd/dbus/org.mistrald.Mistrald1.xml");
 
-/// The options a request accepts, in the order error messages list them.
+/// The options a request accepts, in the order error messages list them: `max_tokens`, the
+/// sampling options of [`super::SAMPLING_OPTIONS`] (a test checks the two agree), `stop` and
+/// `ignore_eos`.
 pub const OPTION_NAMES: &[&str] = &[
     "max_tokens",
     "temperature",
@@ -340,29 +344,30 @@ where
                 let limit = limits.max_tokens_limit as u64;
                 out.max_tokens = Some(uint_option(name, v, 1, limit)? as usize);
             }
-            "temperature" => out.sampler.temperature = float_option(name, v, 0.0, true, 2.0)?,
-            "top_p" => out.sampler.top_p = float_option(name, v, 0.0, false, 1.0)?,
-            "top_k" => out.sampler.top_k = uint_option(name, v, 0, u32::MAX.into())? as usize,
-            "min_p" => out.sampler.min_p = float_option(name, v, 0.0, true, 1.0)?,
-            "repeat_penalty" => {
-                out.sampler.repeat_penalty = float_option(name, v, 0.0, false, 10.0)?
-            }
-            "presence_penalty" => {
-                out.sampler.presence_penalty = float_option(name, v, -2.0, true, 2.0)?
-            }
-            "frequency_penalty" => {
-                out.sampler.frequency_penalty = float_option(name, v, -2.0, true, 2.0)?
-            }
-            "seed" => out.sampler.seed = Some(uint_option(name, v, 0, u64::MAX)?),
             "stop" => out.stop = stop_option(v, limits.max_stop_strings)?,
             "ignore_eos" => out.ignore_eos = bool_option(name, v)?,
-            other => {
-                return Err(invalid(format!(
-                    "unknown option '{}' (known options: {})",
-                    other.escape_debug(),
-                    OPTION_NAMES.join(", ")
-                )))
-            }
+            other => match SamplingOption::find(other) {
+                Some(&SamplingOption::Number {
+                    lo,
+                    lo_inclusive,
+                    hi,
+                    set,
+                    ..
+                }) => set(
+                    &mut out.sampler,
+                    float_option(name, v, lo, lo_inclusive, hi)?,
+                ),
+                Some(&SamplingOption::Integer { min, max, set, .. }) => {
+                    set(&mut out.sampler, uint_option(name, v, min, max)?)
+                }
+                None => {
+                    return Err(invalid(format!(
+                        "unknown option '{}' (known options: {})",
+                        other.escape_debug(),
+                        OPTION_NAMES.join(", ")
+                    )))
+                }
+            },
         }
     }
     out.sampler.validate().map_err(Error::InvalidArgument)?;
@@ -1482,6 +1487,75 @@ mod tests {
         match r {
             Err(Error::InvalidArgument(m)) => m,
             other => panic!("expected InvalidArgument, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn option_names_list_every_sampling_option() {
+        let mut expected = vec!["max_tokens"];
+        expected.extend(crate::api::SAMPLING_OPTIONS.iter().map(|o| o.name()));
+        expected.extend(["stop", "ignore_eos"]);
+        assert_eq!(OPTION_NAMES, expected.as_slice());
+    }
+
+    /// Both front ends read the same table: at each bound and just outside it, the D-Bus
+    /// option and the HTTP field are accepted or refused alike, and set the same value.
+    #[test]
+    fn dbus_and_http_agree_on_every_sampling_range() {
+        use crate::api::openai::{parse_json, parse_request, Endpoint};
+        let http = |name: &str, v: &str| {
+            let body = format!(r#"{{"prompt":"x","{name}":{v}}}"#);
+            parse_request(
+                Endpoint::Completions,
+                &parse_json(body.as_bytes()).unwrap(),
+                &ServiceLimits::default(),
+                Peer::default(),
+            )
+            .map(|r| format!("{:?}", r.request.sampler))
+        };
+        let dbus = |name: &str, v: Value<'static>| {
+            parse(vec![(name, v)]).map(|o| format!("{:?}", o.sampler))
+        };
+        for option in &crate::api::SAMPLING_OPTIONS {
+            let name = option.name();
+            let cases: Vec<(String, Value<'static>, bool)> = match *option {
+                SamplingOption::Number {
+                    lo,
+                    lo_inclusive,
+                    hi,
+                    ..
+                } => vec![
+                    (format!("{lo}"), Value::F64(lo), lo_inclusive),
+                    (format!("{}", lo - 0.5), Value::F64(lo - 0.5), false),
+                    (format!("{hi}"), Value::F64(hi), true),
+                    (format!("{}", hi + 0.5), Value::F64(hi + 0.5), false),
+                ],
+                SamplingOption::Integer { min, max, .. } => {
+                    let mut c = vec![
+                        (format!("{min}"), Value::U64(min), true),
+                        (format!("{max}"), Value::U64(max), true),
+                    ];
+                    if max < u64::MAX {
+                        c.push((format!("{}", max + 1), Value::U64(max + 1), false));
+                    }
+                    if min == 0 {
+                        c.push(("-1".to_string(), Value::I64(-1), false));
+                    }
+                    c
+                }
+            };
+            for (json, value, ok) in cases {
+                let (h, d) = (http(name, &json), dbus(name, value));
+                assert_eq!(h.is_ok(), ok, "HTTP {name}={json}: {h:?}");
+                assert_eq!(d.is_ok(), ok, "D-Bus {name}={json}: {d:?}");
+                if ok {
+                    assert_eq!(
+                        h.unwrap(),
+                        d.unwrap(),
+                        "{name}={json} sets the same sampler"
+                    );
+                }
+            }
         }
     }
 

@@ -17,6 +17,111 @@ pub use service::{ReadyParts, RequestStream, Service, ServiceLimits};
 use crate::chat::ChatMessage;
 use crate::sampler::SamplerConfig;
 
+/// A sampling option both front ends accept (an HTTP body field, a D-Bus `a{sv}` option):
+/// its name, range and where its value goes. Both parse from [`SAMPLING_OPTIONS`], so the
+/// two cannot accept different ranges.
+#[derive(Clone, Copy)]
+pub enum SamplingOption {
+    /// A number from `lo` (included when `lo_inclusive`) to `hi` (included).
+    Number {
+        /// The field / option name.
+        name: &'static str,
+        /// Lower bound.
+        lo: f64,
+        /// Whether `lo` itself is allowed.
+        lo_inclusive: bool,
+        /// Upper bound (included).
+        hi: f64,
+        /// Stores the checked value.
+        set: fn(&mut SamplerConfig, f32),
+    },
+    /// An integer in `min..=max`.
+    Integer {
+        /// The field / option name.
+        name: &'static str,
+        /// Smallest value.
+        min: u64,
+        /// Largest value.
+        max: u64,
+        /// Stores the checked value.
+        set: fn(&mut SamplerConfig, u64),
+    },
+}
+
+impl SamplingOption {
+    /// The field / option name.
+    pub fn name(&self) -> &'static str {
+        match self {
+            SamplingOption::Number { name, .. } | SamplingOption::Integer { name, .. } => name,
+        }
+    }
+
+    /// The option called `name`, if it is a sampling option.
+    pub fn find(name: &str) -> Option<&'static SamplingOption> {
+        SAMPLING_OPTIONS.iter().find(|o| o.name() == name)
+    }
+}
+
+/// The sampling options of a request, with OpenAI's ranges where it has them (`temperature`
+/// 0–2, `top_p` (0, 1], penalties −2–2) and the extensions' (`top_k`, `min_p`,
+/// `repeat_penalty`). Every range lies within [`SamplerConfig::validate`]'s.
+pub const SAMPLING_OPTIONS: [SamplingOption; 8] = [
+    SamplingOption::Number {
+        name: "temperature",
+        lo: 0.0,
+        lo_inclusive: true,
+        hi: 2.0,
+        set: |s, v| s.temperature = v,
+    },
+    SamplingOption::Number {
+        name: "top_p",
+        lo: 0.0,
+        lo_inclusive: false,
+        hi: 1.0,
+        set: |s, v| s.top_p = v,
+    },
+    SamplingOption::Integer {
+        name: "top_k",
+        min: 0,
+        max: u32::MAX as u64,
+        set: |s, v| s.top_k = v as usize,
+    },
+    SamplingOption::Number {
+        name: "min_p",
+        lo: 0.0,
+        lo_inclusive: true,
+        hi: 1.0,
+        set: |s, v| s.min_p = v,
+    },
+    SamplingOption::Number {
+        name: "repeat_penalty",
+        lo: 0.0,
+        lo_inclusive: false,
+        hi: 10.0,
+        set: |s, v| s.repeat_penalty = v,
+    },
+    SamplingOption::Number {
+        name: "presence_penalty",
+        lo: -2.0,
+        lo_inclusive: true,
+        hi: 2.0,
+        set: |s, v| s.presence_penalty = v,
+    },
+    SamplingOption::Number {
+        name: "frequency_penalty",
+        lo: -2.0,
+        lo_inclusive: true,
+        hi: 2.0,
+        set: |s, v| s.frequency_penalty = v,
+    },
+    SamplingOption::Integer {
+        name: "seed",
+        min: 0,
+        max: u64::MAX,
+        set: |s, v| s.seed = Some(v),
+    },
+];
+
 /// Who sent a request (for logs and for plugins' `request-info.client`).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Peer {

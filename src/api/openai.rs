@@ -53,8 +53,8 @@
 //! `best_of` (1 only), `suffix` (empty only).
 
 use super::{
-    ApiError, ApiRequest, Event, Finish, Peer, PromptInput, ServiceLimits, TokenLogprob, Usage,
-    MAX_TOP_LOGPROBS,
+    ApiError, ApiRequest, Event, Finish, Peer, PromptInput, SamplingOption, ServiceLimits,
+    TokenLogprob, Usage, MAX_TOP_LOGPROBS, SAMPLING_OPTIONS,
 };
 use crate::chat::ChatMessage;
 use crate::sampler::SamplerConfig;
@@ -229,29 +229,32 @@ pub fn parse_request(
 
 fn parse_sampler(f: &Fields) -> Result<SamplerConfig, ApiError> {
     let mut s = SamplerConfig::api_default();
-    if let Some(t) = f.number("temperature", 0.0, true, 2.0)? {
-        s.temperature = t;
+    for option in &SAMPLING_OPTIONS {
+        match *option {
+            SamplingOption::Number {
+                name,
+                lo,
+                lo_inclusive,
+                hi,
+                set,
+            } => {
+                if let Some(v) = f.number(name, lo, lo_inclusive, hi)? {
+                    set(&mut s, v);
+                }
+            }
+            SamplingOption::Integer {
+                name,
+                min,
+                max,
+                set,
+            } => {
+                if let Some(v) = f.uint(name, min, max)? {
+                    set(&mut s, v);
+                }
+            }
+        }
     }
-    if let Some(p) = f.number("top_p", 0.0, false, 1.0)? {
-        s.top_p = p;
-    }
-    if let Some(k) = f.uint("top_k", 0, usize::MAX as u64)? {
-        s.top_k = k as usize;
-    }
-    if let Some(p) = f.number("min_p", 0.0, true, 1.0)? {
-        s.min_p = p;
-    }
-    if let Some(r) = f.number("repeat_penalty", 0.0, false, 10.0)? {
-        s.repeat_penalty = r;
-    }
-    if let Some(p) = f.number("presence_penalty", -2.0, true, 2.0)? {
-        s.presence_penalty = p;
-    }
-    if let Some(p) = f.number("frequency_penalty", -2.0, true, 2.0)? {
-        s.frequency_penalty = p;
-    }
-    s.seed = f.uint("seed", 0, u64::MAX)?;
-    // The ranges above are within the sampler's own; this only guards against drift.
+    // The table's ranges are within the sampler's own; this only guards against drift.
     s.validate().map_err(|message| ApiError::InvalidRequest {
         message,
         param: None,
