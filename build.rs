@@ -1,8 +1,9 @@
-//! Build script: compiles the native attention kernels in `vendor/kernels/`
-//! with `cc` and generates their Rust bindings with `bindgen`.
+//! Build script: compiles the native attention and matrix-product kernels in
+//! `vendor/kernels/` with `cc` and generates their Rust bindings with `bindgen`.
 //!
 //! Each SIMD path's source is compiled with its own target flags (AVX2,
-//! AVX-512, NEON dot product) and never with `-march=native`, so one binary
+//! AVX-VNNI, AVX-512, AVX-512 VNNI, NEON dot product) and never with
+//! `-march=native`, so one binary
 //! runs on any CPU of its architecture; the path is picked at run time
 //! (`vendor/kernels/cpu_features.c`, `src/kernels/mod.rs`). The bindings are
 //! written to `$OUT_DIR/mk_bindings.rs` and included by `src/kernels/ffi.rs`.
@@ -32,11 +33,39 @@ fn main() {
     };
     sources.push(("attn_scalar.c", &[]));
     sources.push(("cpu_features.c", &[]));
+    sources.push(("mm_scalar.c", &[]));
+    sources.push(("mm_pack.c", &[]));
+    const AVX2: &[&str] = &["-mavx2", "-mfma", "-mf16c"];
+    const AVX512: &[&str] = &[
+        "-mavx512f",
+        "-mavx512bw",
+        "-mavx512vl",
+        "-mavx512dq",
+        "-mf16c",
+        "-mfma",
+    ];
     match target_arch.as_str() {
         "x86_64" => {
-            sources.push(("attn_avx2.c", &["-mavx2", "-mfma", "-mf16c"]));
+            sources.push(("attn_avx2.c", AVX2));
+            sources.push(("attn_avx512.c", AVX512));
+            sources.push(("mm_avx2.c", AVX2));
+            sources.push(("mm_avxvnni.c", &["-mavx2", "-mfma", "-mf16c", "-mavxvnni"]));
+            // The AVX-VNNI code with EVEX vpdpbusd: a test twin for AVX-512 VNNI CPUs.
             sources.push((
-                "attn_avx512.c",
+                "mm_avxvnni_evex.c",
+                &[
+                    "-mavx2",
+                    "-mfma",
+                    "-mf16c",
+                    "-mavx512f",
+                    "-mavx512bw",
+                    "-mavx512vl",
+                    "-mavx512vnni",
+                ],
+            ));
+            sources.push(("mm_avx512.c", AVX512));
+            sources.push((
+                "mm_avx512vnni.c",
                 &[
                     "-mavx512f",
                     "-mavx512bw",
@@ -44,12 +73,15 @@ fn main() {
                     "-mavx512dq",
                     "-mf16c",
                     "-mfma",
+                    "-mavx512vnni",
                 ],
             ));
         }
         "aarch64" => {
             sources.push(("attn_neon.c", &[]));
             sources.push(("attn_neon_dotprod.c", &["-march=armv8.2-a+dotprod"]));
+            sources.push(("mm_neon.c", &[]));
+            sources.push(("mm_neon_dotprod.c", &["-march=armv8.2-a+dotprod"]));
         }
         _ => {}
     }
@@ -81,6 +113,7 @@ fn main() {
         .allowlist_type("mk_.*")
         .allowlist_var("MK_.*")
         .rustified_enum("mk_path")
+        .rustified_enum("mk_mm_path")
         .derive_default(true)
         .layout_tests(true)
         .parse_callbacks(Box::new(bindgen::CargoCallbacks::new()))

@@ -15,6 +15,9 @@ pub mod bench;
 pub mod ffi;
 pub mod ggml_bench;
 pub mod ggml_op;
+pub mod matmul;
+#[cfg(test)]
+mod matmul_tests;
 #[cfg(test)]
 mod tests;
 
@@ -145,6 +148,22 @@ pub enum KernelError {
     /// A parameter or buffer does not satisfy the kernel's contract.
     #[error("invalid attention parameters: {0}")]
     Invalid(String),
+    /// `MISTRALD_MATMUL_KERNEL` (or a requested name) is not a known matrix path.
+    #[error("unknown matrix kernel path {0:?} (expected one of: scalar, avx2, avxvnni, avx512, avx512vnni, neon, neondot)")]
+    UnknownMatmulPath(String),
+    /// The matrix path exists but this build or CPU does not support it.
+    #[error(
+        "matrix kernel path {path} is not available on this CPU/build (available: {available})"
+    )]
+    MatmulUnavailable {
+        /// The requested path.
+        path: matmul::MatmulPath,
+        /// Comma-separated names of the available matrix paths.
+        available: String,
+    },
+    /// A matrix-product parameter or buffer does not satisfy the kernel's contract.
+    #[error("invalid matrix-product parameters: {0}")]
+    InvalidMatmul(String),
 }
 
 /// Paths this build and CPU can run, scalar first.

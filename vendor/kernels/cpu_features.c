@@ -1,12 +1,14 @@
-/* cpu_features.c - run-time path selection for mk_attention().
+/* cpu_features.c - run-time path selection for mk_attention() and mk_matmul().
  *
- * x86-64: CPUID for AVX2/FMA/F16C and AVX-512 F/BW/VL/DQ, plus XGETBV to check
- * that the OS saves the YMM (and, for AVX-512, opmask/ZMM) register state.
+ * x86-64: CPUID for AVX2/FMA/F16C, AVX-512 F/BW/VL/DQ, AVX512_VNNI and
+ * AVX-VNNI, plus XGETBV to check that the OS saves the YMM (and, for AVX-512,
+ * opmask/ZMM) register state.
  * aarch64: getauxval(AT_HWCAP) for ASIMD and ASIMDDP (dot product).
  * Built without target flags, like the scalar path. */
 #include <stdatomic.h>
 
 #include "mk_internal.h"
+#include "mm_internal.h"
 
 #if defined(__x86_64__)
 #include <cpuid.h>
@@ -18,7 +20,8 @@ static unsigned long long mk_xgetbv0(void)
     return ((unsigned long long)hi << 32) | lo;
 }
 
-/* bit 0: AVX2+FMA+F16C usable, bit 1: AVX-512 F/BW/VL/DQ usable */
+/* bit 0: AVX2+FMA+F16C usable, bit 1: AVX-512 F/BW/VL/DQ usable, bit 2: and
+ * AVX512_VNNI, bit 3: AVX2 usable and AVX-VNNI (VEX-encoded vpdpbusd) */
 static int mk_x86_features(void)
 {
     unsigned int a, b, c, d;
@@ -33,6 +36,8 @@ static int mk_x86_features(void)
     if (__get_cpuid_max(0, NULL) < 7)
         return 0;
     __cpuid_count(7, 0, a, b, c, d);
+    const unsigned int max_sub7 = a;
+    const int avx512vnni = (c >> 11) & 1;
     const int avx2 = (b >> 5) & 1;
     const int avx512f = (b >> 16) & 1, avx512dq = (b >> 17) & 1, avx512bw = (b >> 30) & 1, avx512vl = (b >> 31) & 1;
     int f = 0;
@@ -40,6 +45,13 @@ static int mk_x86_features(void)
         f |= 1;
     if ((f & 1) && avx512f && avx512dq && avx512bw && avx512vl && (xcr0 & 0xe0) == 0xe0) /* opmask, ZMM_Hi256, Hi16_ZMM */
         f |= 2;
+    if ((f & 2) && avx512vnni)
+        f |= 4;
+    if ((f & 1) && max_sub7 >= 1) {
+        __cpuid_count(7, 1, a, b, c, d);
+        if ((a >> 4) & 1) /* AVX-VNNI */
+            f |= 8;
+    }
     return f;
 }
 #endif
@@ -167,4 +179,111 @@ size_t mk_scratch_size(const struct mk_attn_params *p, int nth)
         return 0;
     mk_make_plan(p, nth, 1, &pl);
     return mk_plan_scratch_bytes(p, &pl);
+}
+
+/* ---- matrix products ---- */
+
+/* Software prefetch distance of the matrix kernels (bytes). */
+int mk_mm_pf_distance = 1024;
+
+void mk_mm_set_prefetch(int bytes)
+{
+    mk_mm_pf_distance = bytes < 0 ? 0 : bytes > (1 << 20) ? (1 << 20) : bytes;
+}
+
+int mk_mm_get_prefetch(void)
+{
+    return mk_mm_pf_distance;
+}
+
+int mk_mm_path_available(enum mk_mm_path path)
+{
+    switch (path) {
+    case MK_MM_SCALAR:
+        return 1;
+#if defined(__x86_64__)
+    case MK_MM_AVX2:
+        return (mk_x86_features() & 1) != 0;
+    case MK_MM_AVXVNNI:
+        return (mk_x86_features() & 8) != 0;
+    case MK_MM_AVX512:
+        return (mk_x86_features() & 2) != 0;
+    case MK_MM_AVX512VNNI:
+        return (mk_x86_features() & 4) != 0;
+#endif
+#if defined(__aarch64__)
+    case MK_MM_NEON:
+        return (getauxval(AT_HWCAP) & HWCAP_ASIMD) != 0;
+    case MK_MM_NEON_DOTPROD:
+        return (getauxval(AT_HWCAP) & HWCAP_ASIMD) != 0 && (getauxval(AT_HWCAP) & HWCAP_ASIMDDP) != 0;
+#endif
+    default:
+        return 0;
+    }
+}
+
+typedef int (*mk_mm_fn)(const struct mk_mm_params *, int, int);
+
+static mk_mm_fn mk_mm_path_fn(enum mk_mm_path path)
+{
+    switch (path) {
+#if defined(__x86_64__)
+    case MK_MM_AVX2:
+        return mk_matmul_avx2;
+    case MK_MM_AVXVNNI:
+        return mk_matmul_avxvnni;
+    case MK_MM_AVX512:
+        return mk_matmul_avx512;
+    case MK_MM_AVX512VNNI:
+        return mk_matmul_avx512vnni;
+#endif
+#if defined(__aarch64__)
+    case MK_MM_NEON:
+        return mk_matmul_neon;
+    case MK_MM_NEON_DOTPROD:
+        return mk_matmul_neon_dotprod;
+#endif
+    default:
+        return mk_matmul_scalar;
+    }
+}
+
+static enum mk_mm_path mk_mm_best_path(void)
+{
+    static const enum mk_mm_path order[] = {MK_MM_AVX512VNNI, MK_MM_AVX512, MK_MM_AVXVNNI, MK_MM_AVX2,
+                                            MK_MM_NEON_DOTPROD, MK_MM_NEON};
+    for (size_t i = 0; i < sizeof order / sizeof order[0]; i++)
+        if (mk_mm_path_available(order[i]))
+            return order[i];
+    return MK_MM_SCALAR;
+}
+
+/* -1: not chosen yet; else the enum mk_mm_path in use. */
+static atomic_int mk_mm_chosen = -1;
+
+enum mk_mm_path mk_mm_current_path(void)
+{
+    int v = atomic_load_explicit(&mk_mm_chosen, memory_order_acquire);
+    if (v < 0) {
+        int best = (int)mk_mm_best_path();
+        int expected = -1;
+        if (!atomic_compare_exchange_strong_explicit(&mk_mm_chosen, &expected, best, memory_order_acq_rel,
+                                                     memory_order_acquire))
+            return (enum mk_mm_path)expected;
+        v = best;
+    }
+    return (enum mk_mm_path)v;
+}
+
+int mk_mm_set_path(enum mk_mm_path path)
+{
+    if (!mk_mm_path_available(path))
+        return -1;
+    atomic_store_explicit(&mk_mm_chosen, (int)path, memory_order_release);
+    return 0;
+}
+
+int mk_matmul(const struct mk_mm_params *p, int ith, int nth)
+{
+    return mk_mm_path_fn(mk_mm_current_path())(p, ith, nth);
 }

@@ -1,5 +1,7 @@
 /*
- * mistrald_kernels.h - native attention kernels of mistrald (public C11 interface).
+ * mistrald_kernels.h - native kernels of mistrald (public C11 interface):
+ * attention over the rolling KV cache (mk_attention, below) and quantized
+ * matrix-vector products (mk_matmul, further down).
  *
  * Grouped-query, sliding-window, causal attention for one layer, reading the
  * keys and values of the past directly from the rolling (ring) KV cache in
@@ -122,6 +124,179 @@ void mk_attention_neon_plain(const struct mk_attn_params *p, int ith, int nth);
 void mk_attention_neon_dotprod(const struct mk_attn_params *p, int ith, int nth);
 /* mk_attention_neon_dotprod if the CPU has dotprod, else mk_attention_neon_plain. */
 void mk_attention_neon(const struct mk_attn_params *p, int ith, int nth);
+#endif
+
+
+/* ======================================================================== *
+ * Quantized matrix-vector products                                         *
+ * ======================================================================== *
+ *
+ * y[r][n] = sum_k W[n][k] * x[r][k]   for r < nr (1..MK_MM_MAX_NR activation
+ * rows), n < n_rows (output features), k < n_cols, x and y f32, W a GGUF
+ * weight matrix (ggml's layout: row n is n_cols / block-size blocks of wtype)
+ * converted once by mk_mm_pack() into mistrald's packed layout (below).
+ *
+ * Arithmetic (every path, bit for bit the same integers): each activation row
+ * is quantized per block of 32 values to int8 with an f32 scale,
+ *   d = amax / 127,  q[i] = round-half-to-even(x[i] * (127 / amax))
+ * (amax = max |x[i]| of the block; a block with amax < 1e-30 or not a number
+ * becomes all zeros), |q| <= 127. The integer values of the weights are
+ * multiplied with q exactly in 32-bit integers per block (Q6_K: per half
+ * block of 16), and the block sums are scaled and added in f32:
+ *   Q4_0: y += dw*dx * sum (u-8)*q        (u = the 4-bit value, dw its f16 scale)
+ *   Q8_0: y += dw*dx * sum w*q
+ *   Q4_K: y += dx*(d*sc*sum u*q) - dmin*m*(dx*sum q)   per sub-block of 32
+ *   Q6_K: y += dx*(d*sc_lo*sum_lo (u-32)*q + d*sc_hi*sum_hi (u-32)*q)
+ * so results differ from the exact product by the activation rounding
+ * (|x - dx*q| <= dx/2 = amax/254 per element) plus f32 rounding; paths differ
+ * from each other only in f32 rounding (FMA or not).
+ *
+ * Packed layout ("tiles"): output rows are grouped 16 to a tile (the last tile
+ * is padded with zero rows); tile t holds rows 16t .. 16t+15 and starts at
+ * byte t * mk_mm_tile_bytes(wtype, n_cols), so a thread's contiguous range of
+ * rows is one contiguous range of memory, read in address order. A tile is a
+ * "meta" section (scales) followed by a "quant" section, both multiples of 64
+ * bytes. In the quant section the 16 rows are interleaved 4 bytes at a time:
+ * a 64-byte "k-group" holds row i's four values k..k+3 at bytes 4i..4i+3, so
+ * one vector of 4-byte lanes holds 4 (NEON), 8 (AVX2) or 16 (AVX-512) rows,
+ * multiplied with 4 activation bytes broadcast to every lane (VNNI vpdpbusd,
+ * SDOT) and summed without any horizontal reduction. Per 32-value block
+ * ("nb" = n_cols/32 blocks, "ns" = n_cols/256 super-blocks):
+ *   Q4_0  meta: nb x 16 f16 scales (block b, row i at byte 2*(16b+i)), padded
+ *         to 64; quant: nb x 256 bytes, four 64-byte chunks p = 0..3: byte
+ *         4i+j = u[i][4p+j] | u[i][16+4p+j] << 4 (u = GGUF nibble, 0..15).
+ *   Q8_0  meta as Q4_0; quant: nb x 512 bytes, k-group g = 0..7 at 64g:
+ *         byte 4i+j = w[i][4g+j] (int8).
+ *   Q4_K  per super-block s: meta 320 bytes: d[16] f16, dmin[16] f16, then
+ *         sc[8][16] u8 (sub-block j, row i at 64+16j+i), m[8][16] u8 (at
+ *         192+16j+i) (the 6-bit scales and mins unpacked); quant 2048 bytes:
+ *         sub-block j (32 values) at 256j in Q4_0's chunk format.
+ *   Q6_K  per super-block s: meta 320 bytes: d[16] f16, sc[16][16] int8 (scale
+ *         of 16 values i16, row i at 32+16*i16+i), 32 zero bytes; quant 3072
+ *         bytes: block j of 32 values at 384j: 256 bytes of the low 4 bits in
+ *         Q4_0's chunk format, then two 64-byte chunks h = 0..1 of the high 2
+ *         bits: byte 4i+j, bits 2c..2c+1 = u[i][16h+4c+j] >> 4 (u = 0..63).
+ * Sizes equal GGUF's per row (Q4_0 18 bytes per 32, Q8_0 34, Q4_K 148 per
+ * 256 (GGUF 144), Q6_K 212 (GGUF 210)) plus the zero rows of the last tile.
+ *
+ * Threading: mk_matmul(p, ith, nth) computes thread ith's share, a contiguous
+ * range of tiles (tiles * ith / nth .. tiles * (ith+1) / nth), prefetching the
+ * weights mk_mm_get_prefetch() bytes ahead in address order (into the next
+ * tile at a tile's end). There is no synchronisation between threads: unless
+ * the caller passes activations already quantized by mk_mm_quantize() (xq),
+ * every thread quantizes x into its own part of the scratch memory (for 8 rows
+ * of 14336 values about 160 KB and a few microseconds, against milliseconds
+ * for the weights), so the call needs no barrier: a ggml custom op's threads
+ * have none. No allocation; under 2 KiB of stack.
+ */
+
+/* Weight types (values equal ggml's enum ggml_type). */
+enum mk_wtype { MK_W_Q4_0 = 2, MK_W_Q8_0 = 8, MK_W_Q4_K = 12, MK_W_Q6_K = 14 };
+
+/* Matrix-product implementations. The VNNI and dot-product variants are
+ * separate paths: they need CPU features their base does not have. */
+enum mk_mm_path {
+    MK_MM_SCALAR = 0,      /* portable C, the reference */
+    MK_MM_AVX2 = 1,        /* AVX2 + FMA + F16C (maddubs) */
+    MK_MM_AVXVNNI = 2,     /* AVX2 + AVX-VNNI (256-bit vpdpbusd, VEX: Alder Lake and later without AVX-512) */
+    MK_MM_AVX512 = 3,      /* AVX-512 F/BW/VL (maddubs) */
+    MK_MM_AVX512VNNI = 4,  /* AVX-512 F/BW/VL + AVX512_VNNI (512-bit vpdpbusd) */
+    MK_MM_NEON = 5,        /* aarch64 NEON, ARMv8.0 (smull) */
+    MK_MM_NEON_DOTPROD = 6 /* aarch64 NEON + dot product (ARMv8.2 SDOT) */
+};
+
+/* Output rows per packed tile. */
+#define MK_MM_TILE_ROWS 16
+/* Most activation rows of one call. */
+#define MK_MM_MAX_NR 8
+/* Alignment the packed weights, the quantized activations and the scratch
+ * memory must have. */
+#define MK_MM_ALIGN 64
+
+/* Bytes of one packed tile (16 rows of n_cols), a multiple of 64; 0 if wtype
+ * is unknown or n_cols is not a positive multiple of its block size (32 for
+ * Q4_0/Q8_0, 256 for Q4_K/Q6_K). */
+size_t mk_mm_tile_bytes(int wtype, int64_t n_cols);
+
+/* Bytes of the packed form of an n_rows x n_cols matrix: ceil(n_rows/16)
+ * tiles; 0 if the shape is invalid (see mk_mm_tile_bytes; n_rows >= 1). */
+size_t mk_mm_packed_size(int wtype, int64_t n_rows, int64_t n_cols);
+
+/* Converts tiles [tile_begin, tile_end) of the matrix: src is the whole GGUF
+ * matrix (n_rows rows of n_cols/blocksize blocks, contiguous), dst the whole
+ * packed buffer (mk_mm_packed_size bytes, 64-byte aligned; tile t is written
+ * at t * mk_mm_tile_bytes). Disjoint tile ranges may be packed by different
+ * threads at once. Returns 0, or -1 (nothing written) if an argument is
+ * invalid. Reads the source in address order, once. */
+int mk_mm_pack(int wtype, int64_t n_rows, int64_t n_cols, const void *src, void *dst, int64_t tile_begin,
+               int64_t tile_end);
+
+/* Bytes of nr quantized activation rows of n_cols values (a multiple of 64):
+ * int8 q[nr][n_cols], then f32 d[nr][n_cols/32], f32 d*sum(q)[nr][n_cols/32],
+ * int32 half-block sums [nr][n_cols/32][2], each section 64-byte aligned. */
+size_t mk_mm_act_size(int64_t n_cols, int nr);
+
+/* Quantizes nr rows (x[r * x_stride + k]) into xq (mk_mm_act_size bytes,
+ * 64-byte aligned). Returns 0, or -1 on invalid arguments (n_cols not a
+ * positive multiple of 32, nr not in 1..MK_MM_MAX_NR, x_stride < n_cols). */
+int mk_mm_quantize(const float *x, int64_t x_stride, int nr, int64_t n_cols, void *xq);
+
+struct mk_mm_params {
+    int32_t wtype;       /* enum mk_wtype */
+    int32_t nr;          /* activation rows, 1..MK_MM_MAX_NR */
+    int64_t n_rows;      /* output features (rows of W), >= 1 */
+    int64_t n_cols;      /* inputs (columns of W), a multiple of the block size */
+    const void *w;       /* packed weights (mk_mm_pack), mk_mm_packed_size bytes, 64-byte aligned */
+    const float *x;      /* activations x[r * x_stride + k]; unused when xq is set */
+    int64_t x_stride;    /* >= n_cols */
+    const void *xq;      /* NULL, or the activations quantized by mk_mm_quantize (then x and scratch are unused) */
+    float *y;            /* output y[r * y_stride + n], n < n_rows; written, never read */
+    int64_t y_stride;    /* >= n_rows */
+    void *scratch;       /* with xq NULL: mk_mm_scratch_size(p, nth) bytes, 64-byte aligned; thread ith uses its own part */
+    size_t scratch_bytes;
+};
+
+/* Scratch bytes a call with nth threads needs: 0 when xq is set, else
+ * nth * mk_mm_act_size(n_cols, nr). */
+size_t mk_mm_scratch_size(const struct mk_mm_params *p, int nth);
+
+/* Computes thread ith's share of y (0 <= ith < nth); calling it for every ith
+ * in [0, nth) (in any order, in parallel) computes all of y. Returns 0, or -1
+ * if the parameters are invalid (then this thread wrote nothing). Dispatches
+ * to the path chosen at run time (the best one the CPU supports, unless
+ * mk_mm_set_path() chose another). */
+int mk_matmul(const struct mk_mm_params *p, int ith, int nth);
+
+/* 1 if the path is compiled into this build and the CPU (and OS) support it. */
+int mk_mm_path_available(enum mk_mm_path path);
+/* Path mk_matmul() currently uses. */
+enum mk_mm_path mk_mm_current_path(void);
+/* Makes mk_matmul() use the path; 0, or -1 (nothing changed) if unavailable. */
+int mk_mm_set_path(enum mk_mm_path path);
+
+/* Software prefetch distance of the matrix kernels, in bytes ahead of the
+ * weights being read (0: none; default 1024). For benchmarks; set it before
+ * any call runs. */
+void mk_mm_set_prefetch(int bytes);
+int mk_mm_get_prefetch(void);
+
+/* Explicit paths, same contract as mk_matmul(). Only call a path that
+ * mk_mm_path_available() reports; each is compiled only on its architecture. */
+int mk_matmul_scalar(const struct mk_mm_params *p, int ith, int nth);
+#if defined(__x86_64__) || defined(_M_X64)
+int mk_matmul_avx2(const struct mk_mm_params *p, int ith, int nth);
+int mk_matmul_avxvnni(const struct mk_mm_params *p, int ith, int nth);
+int mk_matmul_avx512(const struct mk_mm_params *p, int ith, int nth);
+int mk_matmul_avx512vnni(const struct mk_mm_params *p, int ith, int nth);
+/* Test hook: the AVX-VNNI path's code (256-bit, two vectors per tile) with
+ * the EVEX encoding of vpdpbusd (AVX512_VNNI + AVX512VL), so the AVX-VNNI
+ * algorithm can be tested on CPUs that have AVX-512 VNNI but not AVX-VNNI.
+ * Available when mk_mm_path_available(MK_MM_AVX512VNNI). */
+int mk_matmul_avxvnni_evex(const struct mk_mm_params *p, int ith, int nth);
+#endif
+#if defined(__aarch64__)
+int mk_matmul_neon(const struct mk_mm_params *p, int ith, int nth);
+int mk_matmul_neon_dotprod(const struct mk_mm_params *p, int ith, int nth);
 #endif
 
 #ifdef __cplusplus

@@ -1,0 +1,56 @@
+/* mm_driver.h - the matrix-product driver, included by every path file after
+ * it has defined:
+ *   MM_ENTRY          name of the path's entry point (mk_matmul_<path>)
+ *   MM_QUANTIZE       its activation quantizer (same results as mm_quantize_scalar)
+ *   mm_tile_fns       static const mm_tile_fn [4][MK_MM_MAX_NR]: tile functions
+ *                     per weight type (Q4_0, Q8_0, Q4_K, Q6_K) and rows - 1.
+ * The driver takes thread ith's contiguous range of tiles, quantizes the
+ * activations into the thread's own scratch (unless the caller passed them
+ * quantized), runs the tile function on each tile and stores the tile's valid
+ * rows. */
+#ifndef MM_ENTRY
+#error "define MM_ENTRY before including mm_driver.h"
+#endif
+
+static inline int mm_type_index(int wtype)
+{
+    switch (wtype) {
+    case MK_W_Q4_0:
+        return 0;
+    case MK_W_Q8_0:
+        return 1;
+    case MK_W_Q4_K:
+        return 2;
+    default:
+        return 3;
+    }
+}
+
+int MM_ENTRY(const struct mk_mm_params *p, int ith, int nth)
+{
+    const size_t tb = mm_check_params(p, ith, nth);
+    if (tb == 0)
+        return -1;
+    const int64_t ntiles = (p->n_rows + MM_TILE - 1) / MM_TILE;
+    const int64_t t0 = ntiles * ith / nth, t1 = ntiles * (ith + 1) / nth;
+    if (t0 >= t1)
+        return 0;
+    const void *xq = p->xq;
+    if (!xq) {
+        void *mine = (uint8_t *)p->scratch + (size_t)ith * mm_act_bytes(p->n_cols, p->nr);
+        MM_QUANTIZE(p->x, p->x_stride, p->nr, p->n_cols, mine);
+        xq = mine;
+    }
+    struct mm_act a;
+    mm_act_view(&a, xq, p->nr, p->n_cols);
+    const mm_tile_fn fn = mm_tile_fns[mm_type_index(p->wtype)][p->nr - 1];
+    float out[MK_MM_MAX_NR * MM_TILE];
+    for (int64_t t = t0; t < t1; t++) {
+        fn((const uint8_t *)p->w + (size_t)t * tb, tb, &a, out);
+        const int64_t n0 = t * MM_TILE;
+        const int64_t nv = p->n_rows - n0 < MM_TILE ? p->n_rows - n0 : MM_TILE;
+        for (int r = 0; r < p->nr; r++)
+            memcpy(p->y + (size_t)r * (size_t)p->y_stride + (size_t)n0, out + r * MM_TILE, (size_t)nv * sizeof(float));
+    }
+    return 0;
+}
