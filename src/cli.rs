@@ -55,6 +55,14 @@ enum Command {
         #[command(subcommand)]
         cmd: crate::plugins::command::PluginCommand,
     },
+    /// Write the man pages of mistrald and mistralctl, one per command and subcommand, into a
+    /// directory (for packaging: scripts/build-deb).
+    #[command(hide = true)]
+    Man {
+        /// Directory to write the pages (mistrald.1, mistrald-serve.1, …, mistralctl.1, …) to.
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 #[derive(Args, Debug)]
@@ -306,7 +314,50 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Config(args) => crate::config::run_config_command(args),
         #[cfg(feature = "plugins")]
         Command::Plugin { cmd } => crate::plugins::command::run_command(cmd),
+        Command::Man { out } => {
+            for page in write_man_pages(&out)? {
+                println!("{}", page.display());
+            }
+            Ok(())
+        }
     }
+}
+
+/// Renders the man pages of `mistrald` (and of `mistralctl` when it is built: feature `daemon`)
+/// from their clap definitions into `dir`: one page per command and per visible subcommand,
+/// named after it (`mistrald.1`, `mistrald-serve.1`, `mistrald-plugin-check.1`,
+/// `mistralctl-generate.1`, …). Returns the files written.
+pub fn write_man_pages(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let roots = std::iter::once(<Cli as clap::CommandFactory>::command());
+    #[cfg(feature = "daemon")]
+    let roots = roots.chain(std::iter::once(
+        <crate::ctl::Cli as clap::CommandFactory>::command(),
+    ));
+    let mut written = Vec::new();
+    for root in roots {
+        // Building sets each subcommand's display name ("mistrald-serve"), which names its page.
+        let mut root = root.disable_help_subcommand(true);
+        root.build();
+        write_man_page_tree(root, dir, &mut written)?;
+    }
+    Ok(written)
+}
+
+fn write_man_page_tree(
+    cmd: clap::Command,
+    dir: &Path,
+    written: &mut Vec<PathBuf>,
+) -> anyhow::Result<()> {
+    for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()) {
+        write_man_page_tree(sub.clone(), dir, written)?;
+    }
+    let page = clap_mangen::Man::new(cmd)
+        .manual("mistrald")
+        .generate_to(dir)
+        .with_context(|| format!("cannot write a man page into {}", dir.display()))?;
+    written.push(page);
+    Ok(())
 }
 
 fn cmd_generate(a: GenerateArgs) -> anyhow::Result<()> {
@@ -631,4 +682,87 @@ fn cmd_bench_attention(a: BenchAttentionArgs) -> anyhow::Result<()> {
         crate::kernels::selected_path()?.description()
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    /// Every visible command and subcommand of `cmd`, as page names ("mistrald-plugin-check").
+    fn page_names(cmd: &clap::Command, prefix: &str, out: &mut Vec<(String, Vec<String>)>) {
+        let subs: Vec<&clap::Command> = cmd
+            .get_subcommands()
+            .filter(|s| !s.is_hide_set() && s.get_name() != "help")
+            .collect();
+        out.push((
+            prefix.to_string(),
+            subs.iter().map(|s| s.get_name().to_string()).collect(),
+        ));
+        for sub in subs {
+            page_names(sub, &format!("{prefix}-{}", sub.get_name()), out);
+        }
+    }
+
+    #[test]
+    fn man_pages_render_for_every_command_and_subcommand() {
+        let dir = tempfile::tempdir().unwrap();
+        let written = write_man_pages(dir.path()).unwrap();
+        let mut expected = Vec::new();
+        page_names(&Cli::command(), "mistrald", &mut expected);
+        #[cfg(feature = "daemon")]
+        page_names(&crate::ctl::Cli::command(), "mistralctl", &mut expected);
+        let names: Vec<String> = expected.iter().map(|(n, _)| format!("{n}.1")).collect();
+        assert!(
+            names.contains(&"mistrald-generate.1".to_string()),
+            "{names:?}"
+        );
+        #[cfg(feature = "daemon")]
+        for must in [
+            "mistrald-serve.1",
+            "mistrald-config.1",
+            "mistralctl.1",
+            "mistralctl-status.1",
+        ] {
+            assert!(
+                names.contains(&must.to_string()),
+                "{must} missing from {names:?}"
+            );
+        }
+        assert!(!names
+            .iter()
+            .any(|n| n == "mistrald-man.1" || n.ends_with("-help.1")));
+        let mut got: Vec<String> = written
+            .iter()
+            .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+            .collect();
+        got.sort();
+        let mut want = names.clone();
+        want.sort();
+        assert_eq!(got, want);
+        for (name, subs) in &expected {
+            let page = std::fs::read_to_string(dir.path().join(format!("{name}.1"))).unwrap();
+            assert!(
+                page.lines().any(|l| l.starts_with(".TH ")),
+                "{name}.1 has no title line"
+            );
+            assert!(
+                page.contains(".SH NAME") && page.contains(".SH SYNOPSIS"),
+                "{name}.1"
+            );
+            // A command's page names each of its subcommands (as `mistrald-serve(1)`-style
+            // entries in SUBCOMMANDS); the hidden `man` command is not among them.
+            for sub in subs {
+                let entry = format!("{name}-{sub}(1)").replace('-', "\\-");
+                assert!(
+                    page.contains(&entry),
+                    "{name}.1 does not name its subcommand {sub}"
+                );
+            }
+            assert!(
+                !page.contains("\\-man("),
+                "{name}.1 names the hidden man command"
+            );
+        }
+    }
 }
