@@ -13,7 +13,8 @@
 //! OPTIONS: `--max-tokens N --temperature T --top-p P --top-k K --min-p P --repeat-penalty R
 //! --seed S --stop TEXT… --no-stream --usage` (`--usage`: token counts and the finish reason on
 //! stderr). The socket is `--socket PATH`, else `$MISTRALD_SOCKET`, else
-//! `$XDG_RUNTIME_DIR/mistrald.sock` (when set and not root), else `/run/mistrald/mistrald.sock`
+//! `$XDG_RUNTIME_DIR/mistrald.sock` (when set and not root; unless no daemon of the user's is
+//! there and the system service's socket exists), else `/run/mistrald/mistrald.sock`
 //! ([`default_socket_path`]); or `--url http://HOST:PORT` talks plain HTTP over TCP to that
 //! address instead (any OpenAI-compatible server, e.g. llama.cpp's `llama-server`).
 //! `--dbus system|session` uses the daemon's D-Bus interface on that bus instead (`ctl/dbus.rs`).
@@ -70,7 +71,8 @@ Command-line client of the mistrald daemon: talks to its OpenAI-compatible HTTP 
 Unix socket.
 
 The socket is --socket PATH, else $MISTRALD_SOCKET, else $XDG_RUNTIME_DIR/mistrald.sock (when \
-XDG_RUNTIME_DIR is set and the user is not root), else /run/mistrald/mistrald.sock. \
+XDG_RUNTIME_DIR is set and the user is not root, unless that socket does not exist and the \
+system service's does), else /run/mistrald/mistrald.sock. \
 --url http://HOST:PORT talks plain HTTP over TCP to that address instead (any OpenAI-compatible \
 server, such as llama.cpp's llama-server). --dbus system|session uses the daemon's D-Bus \
 interface org.mistrald.Mistrald1 on that bus instead (generate, chat, status, models).
@@ -94,7 +96,7 @@ Exit status:
 )]
 pub struct Cli {
     /// The daemon's Unix socket [default: $MISTRALD_SOCKET, else $XDG_RUNTIME_DIR/mistrald.sock
-    /// when not root, else /run/mistrald/mistrald.sock]
+    /// when not root and it exists, else /run/mistrald/mistrald.sock]
     #[arg(long, global = true, value_name = "PATH")]
     pub socket: Option<PathBuf>,
     /// Talk plain HTTP over TCP to this address instead of the socket: http://HOST:PORT (no
@@ -254,7 +256,8 @@ impl RequestOptions {
 
 /// The socket to use without `--socket`: `$MISTRALD_SOCKET`, else
 /// `$XDG_RUNTIME_DIR/mistrald.sock` when that is set and the user is not root, else
-/// [`SYSTEM_SOCKET`].
+/// [`SYSTEM_SOCKET`]. A user whose own socket does not exist while the system service's does
+/// (the packaged daemon) gets the system service's.
 pub fn default_socket_path() -> PathBuf {
     // SAFETY: geteuid has no preconditions and cannot fail.
     let root = unsafe { libc::geteuid() } == 0;
@@ -262,19 +265,30 @@ pub fn default_socket_path() -> PathBuf {
         std::env::var_os("MISTRALD_SOCKET"),
         std::env::var_os("XDG_RUNTIME_DIR"),
         root,
+        &|p| p.exists(),
     )
 }
 
 /// `$MISTRALD_SOCKET` when set, else the daemon's own default for this runtime directory and
-/// user ([`crate::config::socket_path_for`]), so client and daemon always agree.
+/// user ([`crate::config::socket_path_for`]), so client and daemon always agree — unless that
+/// path does not `exist` and the system service's socket does.
 fn socket_path_from(
     socket: Option<std::ffi::OsString>,
     runtime_dir: Option<std::ffi::OsString>,
     root: bool,
+    exists: &dyn Fn(&std::path::Path) -> bool,
 ) -> PathBuf {
     match socket {
         Some(socket) if !socket.is_empty() => PathBuf::from(socket),
-        _ => crate::config::socket_path_for(runtime_dir, if root { 0 } else { u32::MAX }),
+        _ => {
+            let own = crate::config::socket_path_for(runtime_dir, if root { 0 } else { u32::MAX });
+            let system = PathBuf::from(SYSTEM_SOCKET);
+            if own != system && !exists(&own) && exists(&system) {
+                system
+            } else {
+                own
+            }
+        }
     }
 }
 

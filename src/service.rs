@@ -141,6 +141,12 @@ async fn serve(startup: Startup) -> anyhow::Result<()> {
         unix_listeners.push(listener);
         guard = Some(g);
     } else {
+        if let Some(own) = &config.server.socket {
+            log::warn!(
+                "server.socket ({}) is not used: the service manager passed the socket",
+                own.display()
+            );
+        }
         for (listener, path) in inherited.unix {
             listener
                 .set_nonblocking(true)

@@ -297,24 +297,42 @@ fn usage_errors_exit_with_2_and_help_with_0() {
 #[test]
 fn default_socket_path_rules() {
     let os = |s: &str| Some(std::ffi::OsString::from(s));
+    // Every socket exists: the daemon's own default rules.
+    let all = |_: &std::path::Path| true;
     assert_eq!(
-        socket_path_from(os("/a.sock"), os("/run/user/1000"), false),
+        socket_path_from(os("/a.sock"), os("/run/user/1000"), false, &all),
         PathBuf::from("/a.sock")
     );
     assert_eq!(
-        socket_path_from(None, os("/run/user/1000"), false),
+        socket_path_from(None, os("/run/user/1000"), false, &all),
         PathBuf::from("/run/user/1000/mistrald.sock")
     );
     assert_eq!(
-        socket_path_from(os(""), os("/run/user/1000"), true),
+        socket_path_from(os(""), os("/run/user/1000"), true, &all),
         PathBuf::from(SYSTEM_SOCKET)
     );
     assert_eq!(
-        socket_path_from(None, None, false),
+        socket_path_from(None, None, false, &all),
         PathBuf::from(SYSTEM_SOCKET)
     );
     assert_eq!(
-        socket_path_from(os("/a.sock"), None, true),
+        socket_path_from(os("/a.sock"), None, true, &all),
+        PathBuf::from("/a.sock")
+    );
+    // The user's own daemon is not running but the system service is: the system socket.
+    let system_only = |p: &std::path::Path| p == std::path::Path::new(SYSTEM_SOCKET);
+    assert_eq!(
+        socket_path_from(None, os("/run/user/1000"), false, &system_only),
+        PathBuf::from(SYSTEM_SOCKET)
+    );
+    // Neither runs: the user's path (the error then names the socket the user would start).
+    assert_eq!(
+        socket_path_from(None, os("/run/user/1000"), false, &|_| false),
+        PathBuf::from("/run/user/1000/mistrald.sock")
+    );
+    // $MISTRALD_SOCKET is used even when it does not exist.
+    assert_eq!(
+        socket_path_from(os("/a.sock"), None, false, &system_only),
         PathBuf::from("/a.sock")
     );
 }

@@ -152,12 +152,17 @@ impl Bus {
     /// A command whose environment points at this bus (and at no other).
     pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
         let mut cmd = Command::new(program);
+        self.point_at(&mut cmd);
+        cmd.stdin(Stdio::null());
+        cmd
+    }
+
+    /// Points `cmd`'s environment at this bus (and at no other).
+    pub fn point_at(&self, cmd: &mut Command) {
         cmd.env_remove("DBUS_SESSION_BUS_ADDRESS")
             .env_remove("DBUS_SYSTEM_BUS_ADDRESS")
             .env_remove("DBUS_STARTER_ADDRESS")
-            .env(self.env_var(), &self.address)
-            .stdin(Stdio::null());
-        cmd
+            .env(self.env_var(), &self.address);
     }
 
     /// Runs `gdbus ARGS` on this bus.
@@ -263,35 +268,10 @@ pub fn start_daemon(bus: &Bus, config: &str, flags: &[&str]) -> Daemon {
 /// Starts `mistrald serve` for `bus` without waiting (as `Daemon::spawn`, with the bus's
 /// environment).
 pub fn spawn_daemon(bus: &Bus, config: &str, flags: &[&str]) -> Daemon {
-    let dir = tempfile::tempdir().unwrap();
-    let socket = dir.path().join("mistrald.sock");
-    let config_path = dir.path().join("config.toml");
-    std::fs::write(&config_path, config).unwrap();
-    let log = dir.path().join("daemon.log");
     let which = if bus.system { "system" } else { "session" };
-    let child = bus
-        .command(env!("CARGO_BIN_EXE_mistrald"))
-        .arg("serve")
-        .arg("--config")
-        .arg(&config_path)
-        .arg("--socket")
-        .arg(&socket)
-        .args(["--dbus", which])
-        .args(flags)
-        .env("MISTRALD_CONFIG", dir.path().join("no-system-config.toml"))
-        .env_remove("RUST_LOG")
-        .env_remove("JOURNAL_STREAM")
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .expect("start mistrald serve");
-    Daemon {
-        child: Some(child),
-        dir,
-        socket,
-        config: config_path,
-        log,
-    }
+    let mut all = vec!["--dbus", which];
+    all.extend_from_slice(flags);
+    Daemon::spawn_custom(config, &all, false, |cmd| bus.point_at(cmd))
 }
 
 /// Waits until the daemon owns its name on `bus` (it requests it once its model is loaded).

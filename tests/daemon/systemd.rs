@@ -180,6 +180,11 @@ fn service_manager_protocols_socket_activation_ready_watchdog_reload_stop() {
         "{}",
         d.log_text()
     );
+    assert!(
+        d.log_text().contains("server.socket") && d.log_text().contains("is not used"),
+        "the --socket that was overridden is named: {}",
+        d.log_text()
+    );
 
     // Requests over the inherited socket work.
     let (code, json) = d.post_json(

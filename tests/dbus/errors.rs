@@ -359,9 +359,17 @@ fn sigterm_ends_dbus_streams_with_a_done_and_releases_the_name() {
         let mut tokens = proxy.receive_token().await.unwrap();
         let mut dones = proxy.receive_done().await.unwrap();
         let id = proxy.generate("Never", long()).await.unwrap();
-        tokens.next().await.unwrap();
+        // Bounded waits: a lost signal fails the test with the daemon's log, never hangs it.
+        let limit = Duration::from_secs(30);
+        tokio::time::timeout(limit, tokens.next())
+            .await
+            .unwrap_or_else(|_| panic!("no Token signal in {limit:?}:\n{}", d.log_text()))
+            .unwrap();
         d.signal(libc::SIGTERM);
-        let done = dones.next().await.unwrap();
+        let done = tokio::time::timeout(limit, dones.next())
+            .await
+            .unwrap_or_else(|_| panic!("no Done signal {limit:?} after SIGTERM:\n{}", d.log_text()))
+            .unwrap();
         let a = done.args().unwrap();
         assert_eq!(a.request_id, id);
         let error = a
