@@ -42,6 +42,9 @@ enum Command {
     /// Microbenchmark of decode attention (Mistral 7B shapes): every native kernel path
     /// against scalar and against ggml's flash_attn_ext.
     BenchAttention(BenchAttentionArgs),
+    /// Microbenchmark of the quantized matrix-vector kernels (Mistral 7B layer shapes): every
+    /// native path against ggml's mul_mat (in place and repacked), from memory and cache-warm.
+    BenchMatmul(BenchMatmulArgs),
     /// Run the daemon: the HTTP API on a Unix socket (and optionally TCP), continuous
     /// batching, prompt cache, plugins (see README, "The daemon").
     #[cfg(feature = "daemon")]
@@ -84,6 +87,44 @@ struct BenchAttentionArgs {
     /// (warm in the CPU's caches when it fits).
     #[arg(long, default_value_t = 32)]
     layers: usize,
+}
+
+#[derive(Args, Debug)]
+struct BenchMatmulArgs {
+    /// Matrix shapes, output rows x columns (Mistral 7B: Wq/Wo, Wk/Wv, gate/up, down).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "4096x4096,1024x4096,14336x4096,4096x14336"
+    )]
+    shapes: Vec<String>,
+    /// Weight types (q4_0, q8_0, q4_k, q6_k).
+    #[arg(long, value_delimiter = ',', default_value = "q4_0,q8_0,q4_k,q6_k")]
+    types: Vec<String>,
+    /// Activation rows per product (1..=8: decode and small batches).
+    #[arg(long, value_delimiter = ',', default_value = "1,2,4,8")]
+    rows: Vec<usize>,
+    /// Thread counts.
+    #[arg(long, value_delimiter = ',', default_value = "1,2")]
+    threads: Vec<usize>,
+    /// Copies of each matrix that successive products cycle through, as decoding cycles
+    /// through layers: 32 = from main memory; 1 = cache-warm when it fits.
+    #[arg(long, value_delimiter = ',', default_value = "32,1")]
+    copies: Vec<usize>,
+    /// Native paths to time (default: every available one but scalar); see
+    /// MISTRALD_MATMUL_KERNEL in the README for the names.
+    #[arg(long, value_delimiter = ',')]
+    paths: Vec<String>,
+    /// Do not time ggml's mul_mat.
+    #[arg(long)]
+    no_ggml: bool,
+    /// Software prefetch distance of the native kernels in bytes (0 = none; default: the
+    /// kernels' own).
+    #[arg(long)]
+    prefetch: Option<usize>,
+    /// Minimum measuring time per configuration, in milliseconds.
+    #[arg(long, default_value_t = 300)]
+    min_ms: u64,
 }
 
 /// Options shared by every command that runs the model.
@@ -308,6 +349,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Info(a) => cmd_info(a),
         Command::MakeModel(a) => cmd_make_model(a),
         Command::BenchAttention(a) => cmd_bench_attention(a),
+        Command::BenchMatmul(a) => cmd_bench_matmul(a),
         #[cfg(feature = "daemon")]
         Command::Serve(flags) => crate::service::run(flags),
         #[cfg(feature = "daemon")]
@@ -680,6 +722,58 @@ fn cmd_bench_attention(a: BenchAttentionArgs) -> anyhow::Result<()> {
     println!(
         "\nkernel path selected for inference: {}",
         crate::kernels::selected_path()?.description()
+    );
+    Ok(())
+}
+
+fn cmd_bench_matmul(a: BenchMatmulArgs) -> anyhow::Result<()> {
+    use crate::kernels::matmul::{self, MatmulPath, WeightType};
+    use crate::kernels::matmul_bench::{bench_matmul, format_table, MatmulBenchOptions};
+    let shapes = a
+        .shapes
+        .iter()
+        .map(|s| {
+            let (n, k) = s
+                .split_once(['x', 'X', '×'])
+                .ok_or_else(|| anyhow::anyhow!("shape '{s}' is not ROWSxCOLUMNS"))?;
+            Ok((n.trim().parse()?, k.trim().parse()?))
+        })
+        .collect::<anyhow::Result<Vec<(usize, usize)>>>()?;
+    let types = a
+        .types
+        .iter()
+        .map(|t| {
+            GgmlType::parse(t)
+                .and_then(WeightType::from_ggml)
+                .ok_or_else(|| {
+                    anyhow::anyhow!("unknown weight type '{t}' (q4_0, q8_0, q4_k, q6_k)")
+                })
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let paths = a
+        .paths
+        .iter()
+        .map(|p| MatmulPath::from_name(p))
+        .collect::<Result<Vec<_>, _>>()?;
+    if let Some(bytes) = a.prefetch {
+        matmul::set_prefetch_distance(bytes);
+    }
+    let opts = MatmulBenchOptions {
+        shapes,
+        types,
+        rows: a.rows,
+        threads: a.threads,
+        copies: a.copies,
+        paths,
+        ggml: !a.no_ggml,
+        min_time: std::time::Duration::from_millis(a.min_ms),
+    };
+    let rows = bench_matmul(&opts)?;
+    println!("{}", format_table(&rows));
+    println!(
+        "native prefetch distance {} bytes; matrix path selected for inference: {}",
+        matmul::prefetch_distance(),
+        crate::kernels::matmul::Matmul::selected()?.path()
     );
     Ok(())
 }

@@ -173,6 +173,45 @@ fn bench_attention_reports_every_path_and_ggml() {
 }
 
 #[test]
+fn bench_matmul_reports_every_path_and_ggml() {
+    // Small and quick: a 48x512 matrix, 2 copies, 1 and 3 rows, 2 threads, 1 ms each.
+    let out = stdout(&mistrald(&[
+        "bench-matmul",
+        "--shapes",
+        "48x512",
+        "--types",
+        "q4_0,q6_k",
+        "--rows",
+        "1,3",
+        "--threads",
+        "2",
+        "--copies",
+        "2",
+        "--min-ms",
+        "1",
+    ]));
+    let paths: Vec<_> = mistrald::kernels::matmul::available_matmul_paths()
+        .into_iter()
+        .filter(|p| *p != mistrald::kernels::matmul::MatmulPath::Scalar)
+        .collect();
+    for ty in ["q4_0", "q6_k"] {
+        let header = out
+            .lines()
+            .skip_while(|l| !l.starts_with(&format!("{ty} 48×512")))
+            .find(|l| l.starts_with("| weights |"))
+            .unwrap_or_else(|| panic!("no table for {ty} in\n{out}"));
+        for p in &paths {
+            assert!(header.contains(&format!(" {} |", p.name())), "{header}");
+        }
+        assert!(header.contains(" ggml | ggml repack |"), "{header}");
+    }
+    assert!(out.contains("| memory (2 copies) | 3 | 2 |"), "{out}");
+    let bad = mistrald(&["bench-matmul", "--types", "q5_0"]);
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("q5_0"));
+}
+
+#[test]
 fn bad_input_exits_non_zero_with_a_clear_message() {
     let o = mistrald(&[
         "generate",

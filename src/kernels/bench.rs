@@ -188,6 +188,13 @@ struct Shared(*const RawAttnParams, usize);
 // SAFETY: the kernel may be called with the same params from several threads.
 unsafe impl Sync for Shared {}
 
+impl Shared {
+    fn get(&self, g: u64) -> *const RawAttnParams {
+        // SAFETY: the index is reduced modulo the array's length.
+        unsafe { self.0.add(g as usize % self.1) }
+    }
+}
+
 /// Busy-waits briefly, then yields the CPU: on a machine with more runnable
 /// threads than cores a pure spin would wait out whole scheduler time slices.
 fn relax(spins: &mut u32) {
@@ -203,13 +210,28 @@ fn relax(spins: &mut u32) {
 /// `raws[g % raws.len()]`.
 fn time_kernel(k: &Kernel, raws: &[RawAttnParams], nth: usize, min_time: Duration) -> (f64, f64) {
     let shared = Shared(raws.as_ptr(), raws.len());
+    time_parallel(nth, min_time, |g, ith| {
+        // SAFETY: params validated by the caller; shares are disjoint.
+        unsafe { k.run_raw(shared.get(g), ith as i32, nth as i32) }
+    })
+}
+
+/// Times calls of `share(g, ith)` for `ith` in `0..nth` — call `g`'s share of thread `ith` —
+/// on a small spinning pool started once, like ggml's workers (the calling thread is thread
+/// 0). Returns the median and the minimum time of one call (every share done), in
+/// microseconds, over at least `min_time` and 10 calls, after 3 warm-up calls.
+pub(crate) fn time_parallel<F: Fn(u64, usize) + Sync>(
+    nth: usize,
+    min_time: Duration,
+    share: F,
+) -> (f64, f64) {
     let gen = AtomicU64::new(0);
     let done = AtomicUsize::new(0);
     let stop = AtomicBool::new(false);
     let mut samples = Vec::new();
     std::thread::scope(|s| {
         for ith in 1..nth {
-            let (shared, gen, done, stop) = (&shared, &gen, &done, &stop);
+            let (share, gen, done, stop) = (&share, &gen, &done, &stop);
             s.spawn(move || {
                 let mut seen = 0;
                 let mut spins = 0u32;
@@ -226,18 +248,14 @@ fn time_kernel(k: &Kernel, raws: &[RawAttnParams], nth: usize, min_time: Duratio
                     }
                     seen = g;
                     spins = 0;
-                    // SAFETY: params validated by the caller; shares are disjoint.
-                    unsafe {
-                        k.run_raw(shared.0.add(g as usize % shared.1), ith as i32, nth as i32)
-                    };
+                    share(g, ith);
                     done.fetch_add(1, Ordering::AcqRel);
                 }
             });
         }
         let call = |g: u64| {
             gen.store(g, Ordering::Release);
-            // SAFETY: as above.
-            unsafe { k.run_raw(shared.0.add(g as usize % shared.1), 0, nth as i32) };
+            share(g, 0);
             let mut spins = 0u32;
             while done.load(Ordering::Acquire) < (g as usize) * (nth - 1) {
                 relax(&mut spins);

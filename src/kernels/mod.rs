@@ -16,6 +16,7 @@ pub mod ffi;
 pub mod ggml_bench;
 pub mod ggml_op;
 pub mod matmul;
+pub mod matmul_bench;
 #[cfg(test)]
 mod matmul_tests;
 #[cfg(test)]

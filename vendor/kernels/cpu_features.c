@@ -184,7 +184,7 @@ size_t mk_scratch_size(const struct mk_attn_params *p, int nth)
 /* ---- matrix products ---- */
 
 /* Software prefetch distance of the matrix kernels (bytes). */
-int mk_mm_pf_distance = 1024;
+int mk_mm_pf_distance = 8192;
 
 void mk_mm_set_prefetch(int bytes)
 {

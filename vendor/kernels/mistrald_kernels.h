@@ -275,8 +275,8 @@ enum mk_mm_path mk_mm_current_path(void);
 int mk_mm_set_path(enum mk_mm_path path);
 
 /* Software prefetch distance of the matrix kernels, in bytes ahead of the
- * weights being read (0: none; default 1024). For benchmarks; set it before
- * any call runs. */
+ * weights being read (0: none; default 8192, into L2). For benchmarks; set it
+ * before any call runs. */
 void mk_mm_set_prefetch(int bytes);
 int mk_mm_get_prefetch(void);
 

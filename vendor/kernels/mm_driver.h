@@ -35,6 +35,16 @@ int MM_ENTRY(const struct mk_mm_params *p, int ith, int nth)
     const int64_t t0 = ntiles * ith / nth, t1 = ntiles * (ith + 1) / nth;
     if (t0 >= t1)
         return 0;
+    /* Start fetching the first weights of this thread's range (both sections)
+     * while the activations are quantized. */
+    struct mm_geom g = {0, 0, 0, 0};
+    mm_geom(p->wtype, p->n_cols, &g);
+    const uint8_t *first = (const uint8_t *)p->w + (size_t)t0 * tb;
+    const size_t pf = (size_t)mk_mm_pf_distance;
+    for (size_t off = 0; off < pf && off < g.quant; off += 64)
+        MM_PF(first + g.meta + off);
+    for (size_t off = 0; off < pf / 8 && off < g.meta; off += 64)
+        MM_PF(first + off);
     const void *xq = p->xq;
     if (!xq) {
         void *mine = (uint8_t *)p->scratch + (size_t)ith * mm_act_bytes(p->n_cols, p->nr);

@@ -210,7 +210,10 @@ static inline const uint8_t *mm_pf_addr(const uint8_t *cur, size_t dist, const u
     return a;
 }
 
-#define MM_PF(addr) __builtin_prefetch((const void *)(addr), 0, 3)
+/* Into L2 (x86 prefetcht1, aarch64 PLDL2KEEP): measured on Zen 4 from memory,
+ * 1024x4096 Q4_0, one thread: no prefetch 12-13 GB/s; into L1 8 KB ahead
+ * ~15; into L2 8 KB ahead 21-29 (a plain read of the same buffers: 22-26). */
+#define MM_PF(addr) __builtin_prefetch((const void *)(addr), 0, 2)
 
 /* Tile function: computes out[r*16 + i] = row i of the tile times activation row r. */
 typedef void (*mm_tile_fn)(const uint8_t *tile, size_t tile_bytes, const struct mm_act *a, float *out);

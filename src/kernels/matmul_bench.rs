@@ -1,0 +1,443 @@
+//! `mistrald bench-matmul`: the matrix-vector kernels on Mistral 7B's layer shapes (4096×4096
+//! Wq/Wo, 1024×4096 Wk/Wv, 14336×4096 gate/up, 4096×14336 down) for 1 to 8 activation rows,
+//! every available path against ggml's `mul_mat` on the same weights, both with the weight in
+//! place (ggml's own block layout, `--no-repack`) and converted into ggml's interleaved
+//! repack layout (what the engine uses by default), 1 and 2 threads.
+//!
+//! Calls cycle through `copies` separate copies of the matrix, as decoding cycles through the
+//! layers: with 32 copies (about 1 GB for the largest Q4_0 shape) the weights come from main
+//! memory; with 1 they stay in the CPU's caches when they fit. Speed is reported as GB/s of
+//! the matrix's GGUF bytes per call, so every implementation is measured against the same
+//! amount of data (the packed layout is as large as GGUF's for Q4_0/Q8_0, 3% and 1% larger for
+//! Q4_K/Q6_K).
+
+use super::bench::time_parallel;
+use super::matmul::{Matmul, MatmulPath, PackedMatrix, RawMatmulParams, WeightType, MAX_ROWS};
+use crate::ggml::{Context, CpuBackend, GgmlType, GraphAllocator, RepackBufferType, Tensor};
+use std::time::{Duration, Instant};
+
+/// What to measure.
+#[derive(Debug, Clone)]
+pub struct MatmulBenchOptions {
+    /// Matrix shapes as (output rows, columns).
+    pub shapes: Vec<(usize, usize)>,
+    /// Weight types.
+    pub types: Vec<WeightType>,
+    /// Activation rows per call (1..=8).
+    pub rows: Vec<usize>,
+    /// Thread counts.
+    pub threads: Vec<usize>,
+    /// Copies of the matrix that successive calls cycle through (32: from memory; 1: warm).
+    pub copies: Vec<usize>,
+    /// Native paths; empty = every available path but scalar.
+    pub paths: Vec<MatmulPath>,
+    /// Also time ggml's `mul_mat` (in place and repacked).
+    pub ggml: bool,
+    /// Minimum time measured per configuration.
+    pub min_time: Duration,
+}
+
+impl Default for MatmulBenchOptions {
+    fn default() -> Self {
+        MatmulBenchOptions {
+            shapes: vec![(4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336)],
+            types: WeightType::ALL.to_vec(),
+            rows: vec![1, 2, 4, 8],
+            threads: vec![1, 2],
+            copies: vec![32, 1],
+            paths: Vec::new(),
+            ggml: true,
+            min_time: Duration::from_millis(300),
+        }
+    }
+}
+
+/// Who computed a row of the results.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Implementation {
+    /// One of the native paths.
+    Native(MatmulPath),
+    /// ggml's `mul_mat` with the weight in its GGUF layout.
+    Ggml,
+    /// ggml's `mul_mat` with the weight in ggml's repacked (interleaved) layout.
+    GgmlRepack,
+}
+
+impl Implementation {
+    /// Name for tables.
+    pub fn name(self) -> String {
+        match self {
+            Implementation::Native(p) => p.name().to_string(),
+            Implementation::Ggml => "ggml".to_string(),
+            Implementation::GgmlRepack => "ggml repack".to_string(),
+        }
+    }
+}
+
+/// One measured configuration.
+#[derive(Debug, Clone)]
+pub struct MatmulBenchRow {
+    /// Implementation.
+    pub implementation: Implementation,
+    /// Weight type.
+    pub ty: WeightType,
+    /// Output rows of the matrix.
+    pub n_rows: usize,
+    /// Columns of the matrix.
+    pub n_cols: usize,
+    /// Activation rows.
+    pub rows: usize,
+    /// Threads.
+    pub threads: usize,
+    /// Copies cycled through.
+    pub copies: usize,
+    /// Median microseconds per call.
+    pub micros: f64,
+    /// Fastest call, microseconds.
+    pub best_micros: f64,
+    /// GGUF bytes of the matrix per median call, GB/s.
+    pub gbytes_per_s: f64,
+}
+
+/// Random GGUF blocks with sane scales (values do not matter for speed; the scales keep the
+/// arithmetic finite).
+fn gguf_bytes(ty: WeightType, n_rows: usize, n_cols: usize) -> anyhow::Result<Vec<u8>> {
+    let len = ty.gguf_bytes(n_rows, n_cols)?;
+    let mut x = 0x2545_f491_4f6c_dd1du64;
+    let mut out: Vec<u8> = (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect();
+    let scale = 0x2c00u16.to_le_bytes(); // 2^-4
+    for blk in out.chunks_mut(ty.block_bytes()) {
+        match ty {
+            WeightType::Q4_0 | WeightType::Q8_0 => blk[0..2].copy_from_slice(&scale),
+            WeightType::Q4K => {
+                blk[0..2].copy_from_slice(&scale);
+                blk[2..4].copy_from_slice(&scale);
+            }
+            WeightType::Q6K => blk[208..210].copy_from_slice(&scale),
+        }
+    }
+    Ok(out)
+}
+
+fn activations(rows: usize, n_cols: usize) -> Vec<f32> {
+    (0..rows * n_cols)
+        .map(|i| ((i * 7919 % 1000) as f32 / 1000.0 - 0.5) * 0.3)
+        .collect()
+}
+
+struct SharedParams(Vec<RawMatmulParams>);
+// SAFETY: the kernel is called with the same parameters from several threads (disjoint rows of
+// y, per-thread scratch).
+unsafe impl Sync for SharedParams {}
+
+impl SharedParams {
+    fn get(&self, g: u64) -> *const RawMatmulParams {
+        &self.0[g as usize % self.0.len()]
+    }
+}
+
+/// Runs the benchmark and returns one row per configuration.
+pub fn bench_matmul(opts: &MatmulBenchOptions) -> anyhow::Result<Vec<MatmulBenchRow>> {
+    let paths: Vec<MatmulPath> = if opts.paths.is_empty() {
+        super::matmul::available_matmul_paths()
+            .into_iter()
+            .filter(|&p| p != MatmulPath::Scalar)
+            .collect()
+    } else {
+        opts.paths.clone()
+    };
+    let kernels = paths
+        .iter()
+        .map(|&p| Matmul::for_path(p))
+        .collect::<Result<Vec<_>, _>>()?;
+    for &r in &opts.rows {
+        anyhow::ensure!(
+            (1..=MAX_ROWS).contains(&r),
+            "activation rows must be 1..={MAX_ROWS}, got {r}"
+        );
+    }
+    let mut out = Vec::new();
+    for &ty in &opts.types {
+        for &(n_rows, n_cols) in &opts.shapes {
+            let src = gguf_bytes(ty, n_rows, n_cols)?;
+            let bytes = src.len() as f64;
+            let row = |implementation, rows, threads, copies, (micros, best_micros): (f64, f64)| {
+                MatmulBenchRow {
+                    implementation,
+                    ty,
+                    n_rows,
+                    n_cols,
+                    rows,
+                    threads,
+                    copies,
+                    micros,
+                    best_micros,
+                    gbytes_per_s: bytes / (micros * 1e3),
+                }
+            };
+            for &copies in &opts.copies {
+                let copies = copies.max(1);
+                let packed = (0..copies)
+                    .map(|_| PackedMatrix::pack(ty, n_rows, n_cols, &src))
+                    .collect::<Result<Vec<_>, _>>()?;
+                for k in &kernels {
+                    for &rows in &opts.rows {
+                        for &threads in &opts.threads {
+                            let t = time_native(k, &packed, rows, threads.max(1), opts.min_time);
+                            out.push(row(
+                                Implementation::Native(k.path()),
+                                rows,
+                                threads,
+                                copies,
+                                t,
+                            ));
+                        }
+                    }
+                }
+                drop(packed);
+                if opts.ggml {
+                    for repack in [false, true] {
+                        let imp = if repack {
+                            Implementation::GgmlRepack
+                        } else {
+                            Implementation::Ggml
+                        };
+                        for (rows, threads, t) in time_ggml(
+                            ty,
+                            n_rows,
+                            n_cols,
+                            &src,
+                            copies,
+                            &opts.rows,
+                            &opts.threads,
+                            repack,
+                            opts.min_time,
+                        )? {
+                            out.push(row(imp, rows, threads, copies, t));
+                        }
+                    }
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Median and best microseconds of one call of `k` on `rows` activation rows, cycling through
+/// the packed copies.
+fn time_native(
+    k: &Matmul,
+    packed: &[PackedMatrix],
+    rows: usize,
+    nth: usize,
+    min_time: Duration,
+) -> (f64, f64) {
+    let (n, kc) = (packed[0].n_rows(), packed[0].n_cols());
+    let x = activations(rows, kc);
+    let mut y = vec![0f32; rows * n];
+    let probe = RawMatmulParams {
+        wtype: 0,
+        nr: rows as i32,
+        n_rows: n as i64,
+        n_cols: kc as i64,
+        w: std::ptr::null(),
+        x: x.as_ptr(),
+        x_stride: kc as i64,
+        xq: std::ptr::null(),
+        y: y.as_mut_ptr(),
+        y_stride: n as i64,
+        scratch: std::ptr::null_mut(),
+        scratch_bytes: 0,
+    };
+    // SAFETY: reads the counts.
+    let scratch_bytes = unsafe { super::ffi::mk_mm_scratch_size(&probe, nth as i32) };
+    let mut scratch = vec![super::CacheLine([0; 64]); scratch_bytes.div_ceil(64)];
+    let params = SharedParams(
+        packed
+            .iter()
+            .map(|w| RawMatmulParams {
+                wtype: w.ty().ggml().id() as i32,
+                w: w.as_ptr().cast(),
+                scratch: scratch.as_mut_ptr().cast(),
+                scratch_bytes,
+                ..probe
+            })
+            .collect(),
+    );
+    let t = time_parallel(nth, min_time, |g, ith| {
+        // SAFETY: x, y and the scratch are sized for these parameters (rows <= 8, the matrix's
+        // shape), the packed matrices are valid; threads write disjoint rows of y.
+        let rc = unsafe { k.run_raw(params.get(g), ith as i32, nth as i32) };
+        debug_assert_eq!(rc, 0);
+    });
+    drop(params);
+    drop(scratch);
+    t
+}
+
+/// (activation rows, threads, (median, best) microseconds) of one ggml configuration.
+type GgmlTiming = (usize, usize, (f64, f64));
+
+/// ggml's `mul_mat` on the same matrix: for each (rows, threads), the median and best
+/// microseconds per product. One graph holds max(copies, 16) products, product i with copy
+/// i % copies (amortising the graph launch as a decode step's graph does). Empty when ggml
+/// cannot repack this type on this CPU.
+#[allow(clippy::too_many_arguments)]
+fn time_ggml(
+    ty: WeightType,
+    n_rows: usize,
+    n_cols: usize,
+    src: &[u8],
+    copies: usize,
+    rows_list: &[usize],
+    threads_list: &[usize],
+    repack: bool,
+    min_time: Duration,
+) -> anyhow::Result<Vec<GgmlTiming>> {
+    let (n, k) = (n_rows as i64, n_cols as i64);
+    let alloc_backend = CpuBackend::new(1)?;
+    let w_ctx = Context::new((copies + 4) * crate::ggml::tensor_overhead(), true)?;
+    let ws: Vec<Tensor<'_>> = (0..copies)
+        .map(|_| w_ctx.new_tensor(ty.ggml(), &[k, n]))
+        .collect();
+    let _w_buf = if repack {
+        let Some(r) = RepackBufferType::find() else {
+            return Ok(Vec::new());
+        };
+        if !r.supports(ws[0]) {
+            return Ok(Vec::new());
+        }
+        let align = r.alignment().max(1);
+        let sizes: Vec<usize> = ws
+            .iter()
+            .map(|&t| r.alloc_size(t).next_multiple_of(align))
+            .collect();
+        let buf = r.alloc(sizes.iter().sum())?;
+        let mut at = 0;
+        for (&t, size) in ws.iter().zip(&sizes) {
+            buf.place(t, at)?;
+            t.write::<u8>(src);
+            at += size;
+        }
+        buf
+    } else {
+        let buf = alloc_backend.alloc_context_tensors(&w_ctx)?;
+        for &t in &ws {
+            t.write::<u8>(src);
+        }
+        buf
+    };
+    let x_ctx = Context::new((rows_list.len() + 4) * crate::ggml::tensor_overhead(), true)?;
+    let xs: Vec<Tensor<'_>> = rows_list
+        .iter()
+        .map(|&r| x_ctx.new_tensor(GgmlType::F32, &[k, r as i64]))
+        .collect();
+    let _x_buf = alloc_backend.alloc_context_tensors(&x_ctx)?;
+    for (&x, &r) in xs.iter().zip(rows_list) {
+        x.write(&activations(r, n_cols));
+    }
+    let nodes = copies.max(16);
+    let mut out = Vec::new();
+    for &threads in threads_list {
+        let backend = CpuBackend::new(threads.max(1))?;
+        for (&x, &rows) in xs.iter().zip(rows_list) {
+            let ctx = Context::for_graph(nodes + 8, nodes + 8)?;
+            let mut graph = ctx.new_graph(nodes + 8);
+            for i in 0..nodes {
+                graph.expand(ctx.mul_mat(ws[i % copies], x));
+            }
+            let mut alloc = GraphAllocator::new()?;
+            alloc.alloc(&graph)?;
+            backend.compute(&graph)?; // warm-up
+            let mut samples = Vec::new();
+            let start = Instant::now();
+            while start.elapsed() < min_time || samples.len() < 5 {
+                let t = Instant::now();
+                backend.compute(&graph)?;
+                samples.push(t.elapsed().as_secs_f64() * 1e6 / nodes as f64);
+            }
+            samples.sort_by(f64::total_cmp);
+            out.push((rows, threads, (samples[samples.len() / 2], samples[0])));
+        }
+    }
+    Ok(out)
+}
+
+/// Formats the rows as Markdown: per weight type and shape, one line per (copies, rows,
+/// threads) with each implementation's GB/s and the best native path against the faster of
+/// ggml's two layouts.
+pub fn format_table(rows: &[MatmulBenchRow]) -> String {
+    let mut imps: Vec<Implementation> = Vec::new();
+    for r in rows {
+        if !imps.contains(&r.implementation) {
+            imps.push(r.implementation);
+        }
+    }
+    let mut s = String::new();
+    let mut groups: Vec<(WeightType, usize, usize)> = Vec::new();
+    for r in rows {
+        if !groups.contains(&(r.ty, r.n_rows, r.n_cols)) {
+            groups.push((r.ty, r.n_rows, r.n_cols));
+        }
+    }
+    for (ty, n, k) in groups {
+        s += &format!(
+            "\n{ty} {n}×{k} ({:.1} MB): GB/s of weights per call (median)\n\n| weights | rows | threads |",
+            ty.gguf_bytes(n, k).unwrap_or(0) as f64 / 1e6
+        );
+        for i in &imps {
+            s += &format!(" {} |", i.name());
+        }
+        s += " best native vs ggml |\n|---|---:|---:|";
+        s += &"---:|".repeat(imps.len() + 1);
+        s += "\n";
+        let mut keys: Vec<(usize, usize, usize)> = Vec::new();
+        for r in rows
+            .iter()
+            .filter(|r| (r.ty, r.n_rows, r.n_cols) == (ty, n, k))
+        {
+            if !keys.contains(&(r.copies, r.rows, r.threads)) {
+                keys.push((r.copies, r.rows, r.threads));
+            }
+        }
+        for (copies, nr, threads) in keys {
+            let here: Vec<&MatmulBenchRow> = rows
+                .iter()
+                .filter(|r| {
+                    (r.ty, r.n_rows, r.n_cols, r.copies, r.rows, r.threads)
+                        == (ty, n, k, copies, nr, threads)
+                })
+                .collect();
+            let place = if copies > 1 {
+                format!("memory ({copies} copies)")
+            } else {
+                "cache-warm".to_string()
+            };
+            s += &format!("| {place} | {nr} | {threads} |");
+            for i in &imps {
+                match here.iter().find(|r| r.implementation == *i) {
+                    Some(r) => s += &format!(" {:.2} |", r.gbytes_per_s),
+                    None => s += " - |",
+                }
+            }
+            let best = |native: bool| {
+                here.iter()
+                    .filter(|r| matches!(r.implementation, Implementation::Native(_)) == native)
+                    .map(|r| r.gbytes_per_s)
+                    .fold(None, |a: Option<f64>, v| Some(a.map_or(v, |a| a.max(v))))
+            };
+            match (best(true), best(false)) {
+                (Some(a), Some(b)) => s += &format!(" {:.2}× |\n", a / b),
+                _ => s += " - |\n",
+            }
+        }
+    }
+    s
+}
