@@ -11,6 +11,9 @@ typedef int8x16_t mm_vb;
 typedef int32x4_t mm_vi;
 typedef float32x4_t mm_vf;
 #define MM_LANES 4
+#ifndef MM_GROUP
+#define MM_GROUP 4
+#endif
 
 #define MM_LOAD(p) vld1q_s8((const int8_t *)(const void *)(p))
 #define MM_LO4(v) vandq_s8(v, vdupq_n_s8(0x0f))

@@ -15,6 +15,9 @@ typedef __m512i mm_vb;
 typedef __m512i mm_vi;
 typedef __m512 mm_vf;
 #define MM_LANES 16
+#ifndef MM_GROUP
+#define MM_GROUP 8
+#endif
 #define MM_LOAD(p) _mm512_loadu_si512((const void *)(p))
 #define MM_AND(a, b) _mm512_and_si512(a, b)
 #define MM_OR(a, b) _mm512_or_si512(a, b)
@@ -48,6 +51,9 @@ typedef __m256i mm_vb;
 typedef __m256i mm_vi;
 typedef __m256 mm_vf;
 #define MM_LANES 8
+#ifndef MM_GROUP
+#define MM_GROUP 4
+#endif
 #define MM_LOAD(p) _mm256_loadu_si256((const __m256i *)(const void *)(p))
 #define MM_AND(a, b) _mm256_and_si256(a, b)
 #define MM_OR(a, b) _mm256_or_si256(a, b)
@@ -123,6 +129,18 @@ MM_INLINE mm_vb mm_h6(mm_vb h, int c)
     MM_ADD32(acc, MM_MADD(MM_ADD16(MM_MADDUBS(u1, a1), MM_MADDUBS(u2, a2)), MM_SET16(1)))
 #define MM_Q8_PREP(w) (w)
 #define MM_Q8_OFS 0
+/* 4-bit weights: a whole block's vpmaddubsw results summed in int16 (8 * 2 *
+ * 15 * 127 = 30480 < 32768), then one vpmaddwd. */
+#define MM_DOT_U4_BLOCK 1
+MM_INLINE mm_vi mm_dot_u4_block(mm_vb l0, mm_vb l1, mm_vb l2, mm_vb l3, mm_vb h0, mm_vb h1, mm_vb h2, mm_vb h3,
+                                const int8_t *x)
+{
+    mm_vi s = MM_ADD16(MM_MADDUBS(l0, MM_BCAST4(x)), MM_MADDUBS(l1, MM_BCAST4(x + 4)));
+    s = MM_ADD16(s, MM_ADD16(MM_MADDUBS(l2, MM_BCAST4(x + 8)), MM_MADDUBS(l3, MM_BCAST4(x + 12))));
+    s = MM_ADD16(s, MM_ADD16(MM_MADDUBS(h0, MM_BCAST4(x + 16)), MM_MADDUBS(h1, MM_BCAST4(x + 20))));
+    s = MM_ADD16(s, MM_ADD16(MM_MADDUBS(h2, MM_BCAST4(x + 24)), MM_MADDUBS(h3, MM_BCAST4(x + 28))));
+    return MM_MADD(s, MM_SET16(1));
+}
 #if MM_WIDTH == 512
 /* |w| (as u8; -128 -> 128) times a with w's sign: |w|*|a| <= 128*127, pairs fit int16. */
 MM_INLINE mm_vi mm_q8_dot(mm_vi acc, mm_vb w, mm_vb a)
