@@ -101,7 +101,8 @@ struct BenchMatmulArgs {
     /// Weight types (q4_0, q8_0, q4_k, q6_k).
     #[arg(long, value_delimiter = ',', default_value = "q4_0,q8_0,q4_k,q6_k")]
     types: Vec<String>,
-    /// Activation rows per product (1..=8: decode and small batches).
+    /// Activation rows per product (1: decode; 2-8: the small batches of continuous batching;
+    /// more: prefill chunks).
     #[arg(long, value_delimiter = ',', default_value = "1,2,4,8")]
     rows: Vec<usize>,
     /// Thread counts.

@@ -1,6 +1,7 @@
-//! Quantized matrix-vector products (`vendor/kernels/mm_*.c`): `y[r] = W · x[r]` for 1 to 8
-//! activation rows with W a Q4_0, Q8_0, Q4_K or Q6_K matrix, converted once into mistrald's
-//! packed layout (16 rows interleaved per tile, see `mistrald_kernels.h`).
+//! Quantized matrix-vector products (`vendor/kernels/mm_*.c`): `y[r] = W · x[r]` for a batch of
+//! activation rows (computed 8 at a time per tile, so the weights are read once per call) with W
+//! a Q4_0, Q8_0, Q4_K or Q6_K matrix, converted once into mistrald's packed layout (16 rows
+//! interleaved per tile, see `mistrald_kernels.h`).
 //!
 //! * [`PackedMatrix::pack`]: GGUF blocks → the packed layout (sizes checked first).
 //! * [`MatmulPath`] / [`Matmul`]: the implementations (scalar, AVX2, AVX-VNNI, AVX-512,
@@ -11,7 +12,8 @@
 //! * [`Matmul::run`]: the safe entry: every size checked before C is called, threads spawned
 //!   internally; [`Matmul::run_raw`] for a ggml custom op's threads.
 //! * [`QuantizedActs`]: activation rows quantized once by the caller (otherwise each thread
-//!   quantizes them into its own scratch; the C call has no barrier).
+//!   quantizes them into its own scratch; the C call has no barrier); [`quantize_part_raw`] for
+//!   a graph node whose threads quantize a batch together before the products.
 
 use super::{ffi, CacheLine, KernelError, KernelPath, KERNEL_ENV};
 use crate::ggml::GgmlType;
@@ -20,8 +22,10 @@ use std::sync::OnceLock;
 
 /// Output rows per packed tile.
 pub const TILE_ROWS: usize = ffi::MK_MM_TILE_ROWS as usize;
-/// Most activation rows of one C call ([`Matmul::run`] splits larger batches).
+/// Activation rows computed per pass over a tile (a batch is computed in chunks of this many).
 pub const MAX_ROWS: usize = ffi::MK_MM_MAX_NR as usize;
+/// Most activation rows of one call.
+pub const MAX_BATCH: usize = ffi::MK_MM_MAX_BATCH as usize;
 /// Environment variable that forces one matrix-product path exactly.
 pub const MATMUL_KERNEL_ENV: &str = "MISTRALD_MATMUL_KERNEL";
 
@@ -448,9 +452,9 @@ pub struct QuantizedActs {
 }
 
 fn check_rows(rows: usize, n_cols: usize) -> Result<(), KernelError> {
-    if rows == 0 || rows > MAX_ROWS {
+    if rows == 0 || rows > MAX_BATCH {
         return Err(KernelError::InvalidMatmul(format!(
-            "{rows} activation rows (one call takes 1..={MAX_ROWS})"
+            "{rows} activation rows (one call takes 1..={MAX_BATCH})"
         )));
     }
     if n_cols == 0 || n_cols > MAX_DIM || !n_cols.is_multiple_of(32) {
@@ -462,7 +466,8 @@ fn check_rows(rows: usize, n_cols: usize) -> Result<(), KernelError> {
 }
 
 impl QuantizedActs {
-    /// Quantizes `rows` rows of `n_cols` values (`x.len() == rows * n_cols`, 1..=8 rows).
+    /// Quantizes `rows` rows of `n_cols` values (`x.len() == rows * n_cols`, 1..=[`MAX_BATCH`]
+    /// rows).
     pub fn quantize(x: &[f32], rows: usize, n_cols: usize) -> Result<QuantizedActs, KernelError> {
         check_rows(rows, n_cols)?;
         if x.len() != rows * n_cols {
@@ -493,28 +498,35 @@ impl QuantizedActs {
         self.rows
     }
 
+    /// Where row `r` lives: (start of its chunk of 8, rows in that chunk, index in it).
+    fn chunk_of(&self, r: usize) -> (usize, usize, usize) {
+        assert!(r < self.rows, "row {r} of {}", self.rows);
+        // SAFETY: sizes checked at construction.
+        let chunk = unsafe { ffi::mk_mm_act_size(self.n_cols as i64, MAX_ROWS as c_int) };
+        let c = r / MAX_ROWS;
+        (
+            (c * chunk),
+            (self.rows - c * MAX_ROWS).min(MAX_ROWS),
+            r % MAX_ROWS,
+        )
+    }
+
     /// Row `r`'s int8 values.
     pub fn q(&self, r: usize) -> &[i8] {
-        let b = self.data.bytes();
-        let q = &b[r * self.n_cols..(r + 1) * self.n_cols];
+        let (base, _, i) = self.chunk_of(r);
+        let q = &self.data.bytes()[base + i * self.n_cols..base + (i + 1) * self.n_cols];
         // SAFETY: u8 and i8 have the same layout.
         unsafe { std::slice::from_raw_parts(q.as_ptr().cast(), q.len()) }
     }
 
-    fn section_f32(&self, index: usize) -> &[f32] {
-        let nb = self.n_cols / 32;
-        let q_bytes = (self.rows * self.n_cols).next_multiple_of(64);
-        let f_bytes = (self.rows * nb * 4).next_multiple_of(64);
-        let at = q_bytes + index * f_bytes;
-        let b = &self.data.bytes()[at..at + self.rows * nb * 4];
-        // SAFETY: 64-byte aligned section of rows * nb 4-byte values (mk_mm_act_size layout).
-        unsafe { std::slice::from_raw_parts(b.as_ptr().cast(), self.rows * nb) }
-    }
-
     /// Row `r`'s block scales (one per 32 values): value k is `d[k / 32] * q[k]`.
     pub fn d(&self, r: usize) -> &[f32] {
+        let (base, rows, i) = self.chunk_of(r);
         let nb = self.n_cols / 32;
-        &self.section_f32(0)[r * nb..(r + 1) * nb]
+        let at = base + (rows * self.n_cols).next_multiple_of(64) + i * nb * 4;
+        let b = &self.data.bytes()[at..at + nb * 4];
+        // SAFETY: nb 4-byte values at a 4-byte aligned offset (mk_mm_act_size layout).
+        unsafe { std::slice::from_raw_parts(b.as_ptr().cast(), nb) }
     }
 
     /// Row `r`'s dequantized values.
@@ -619,9 +631,8 @@ impl Matmul {
     }
 
     /// Safe entry: `y[r] = w · x[r]` for every row `r` of `x` (`x.len() == rows * n_cols`,
-    /// `y.len() == rows * n_rows`, any number of rows: batches of up to 8 per C call), computed
-    /// by `n_threads` threads (the calling thread plus scoped threads), each quantizing the
-    /// activations itself.
+    /// `y.len() == rows * n_rows`, 1..=[`MAX_BATCH`] rows), computed by `n_threads` threads (the
+    /// calling thread plus scoped threads), each quantizing the activations itself.
     pub fn run(
         &self,
         w: &PackedMatrix,
@@ -712,66 +723,102 @@ impl Matmul {
                 y.len()
             )));
         }
+        if rows > MAX_BATCH {
+            return Err(KernelError::InvalidMatmul(format!(
+                "{rows} activation rows (one call takes 1..={MAX_BATCH})"
+            )));
+        }
         let nth = n_threads as c_int;
-        let mut r0 = 0;
-        while r0 < rows {
-            let nr = (rows - r0).min(MAX_ROWS);
-            let mut raw = RawMatmulParams {
-                wtype: w.ty.raw(),
-                nr: nr as i32,
-                n_rows: n as i64,
-                n_cols: k as i64,
-                w: w.as_ptr().cast(),
-                x: std::ptr::null(),
-                x_stride: k as i64,
-                xq: std::ptr::null(),
-                y: y[r0 * n..].as_mut_ptr(),
-                y_stride: n as i64,
-                scratch: std::ptr::null_mut(),
-                scratch_bytes: 0,
-            };
-            let mut scratch = None;
-            match acts {
-                Acts::F32(x) => {
-                    raw.x = x[r0 * k..].as_ptr();
-                    // SAFETY: reads the counts in `raw`.
-                    let bytes = unsafe { ffi::mk_mm_scratch_size(&raw, nth) };
-                    let s = scratch.insert(Aligned::zeroed(bytes));
-                    raw.scratch = s.as_mut_ptr().cast();
-                    raw.scratch_bytes = bytes;
+        let mut raw = RawMatmulParams {
+            wtype: w.ty.raw(),
+            nr: rows as i32,
+            n_rows: n as i64,
+            n_cols: k as i64,
+            w: w.as_ptr().cast(),
+            x: std::ptr::null(),
+            x_stride: k as i64,
+            xq: std::ptr::null(),
+            y: y.as_mut_ptr(),
+            y_stride: n as i64,
+            scratch: std::ptr::null_mut(),
+            scratch_bytes: 0,
+        };
+        let mut scratch = None;
+        match acts {
+            Acts::F32(x) => {
+                raw.x = x.as_ptr();
+                // SAFETY: reads the counts in `raw`.
+                let bytes = unsafe { ffi::mk_mm_scratch_size(&raw, nth) };
+                let s = scratch.insert(Aligned::zeroed(bytes));
+                raw.scratch = s.as_mut_ptr().cast();
+                raw.scratch_bytes = bytes;
+            }
+            Acts::Quantized(q) => raw.xq = q.data.as_ptr().cast(),
+        }
+        let shared = SharedParams(&raw);
+        let failed = std::sync::atomic::AtomicBool::new(false);
+        let call = |ith: usize| {
+            // SAFETY: every size was checked against the buffers above; the threads of this
+            // call write disjoint rows of y and use their own parts of the scratch.
+            if unsafe { self.run_raw(shared.get(), ith as c_int, nth) } != 0 {
+                failed.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+        };
+        if parallel {
+            std::thread::scope(|s| {
+                for &ith in &order[1..] {
+                    let call = &call;
+                    s.spawn(move || call(ith));
                 }
-                Acts::Quantized(q) => raw.xq = q.data.as_ptr().cast(),
-            }
-            let shared = SharedParams(&raw);
-            let failed = std::sync::atomic::AtomicBool::new(false);
-            let call = |ith: usize| {
-                // SAFETY: every size was checked against the buffers above; the threads of
-                // this call write disjoint rows of y and use their own parts of the scratch.
-                if unsafe { self.run_raw(shared.get(), ith as c_int, nth) } != 0 {
-                    failed.store(true, std::sync::atomic::Ordering::Relaxed);
-                }
-            };
-            if parallel {
-                std::thread::scope(|s| {
-                    for &ith in &order[1..] {
-                        let call = &call;
-                        s.spawn(move || call(ith));
-                    }
-                    call(order[0]);
-                });
-            } else {
-                order.iter().for_each(|&ith| call(ith));
-            }
-            drop(scratch);
-            if failed.into_inner() {
-                return Err(KernelError::InvalidMatmul(
-                    "the matrix kernel rejected its parameters".into(),
-                ));
-            }
-            r0 += nr;
+                call(order[0]);
+            });
+        } else {
+            order.iter().for_each(|&ith| call(ith));
+        }
+        drop(scratch);
+        if failed.into_inner() {
+            return Err(KernelError::InvalidMatmul(
+                "the matrix kernel rejected its parameters".into(),
+            ));
         }
         Ok(())
     }
+}
+
+/// Bytes of `rows` activation rows of `n_cols` values quantized the kernels' way (the `xq`
+/// buffer of a call), or an error for an invalid shape.
+pub fn quantized_acts_bytes(rows: usize, n_cols: usize) -> Result<usize, KernelError> {
+    check_rows(rows, n_cols)?;
+    // SAFETY: pure computation on checked sizes.
+    Ok(unsafe { ffi::mk_mm_act_size(n_cols as i64, rows as c_int) })
+}
+
+/// Thread `ith` of `nth`'s share of quantizing `rows` rows (`x[r * x_stride + k]`) into `xq`
+/// (calling it for every `ith` quantizes them all, as [`QuantizedActs::quantize`] does).
+///
+/// # Safety
+/// `x` must hold `rows` rows of `x_stride >= n_cols` floats, `xq`
+/// [`quantized_acts_bytes`]`(rows, n_cols)` writable bytes that nobody else reads during the
+/// call except the other threads' shares (which write other chunks), and the shape must be
+/// valid (`quantized_acts_bytes` succeeds).
+pub unsafe fn quantize_part_raw(
+    x: *const f32,
+    x_stride: usize,
+    rows: usize,
+    n_cols: usize,
+    xq: *mut u8,
+    ith: usize,
+    nth: usize,
+) -> i32 {
+    ffi::mk_mm_quantize_part(
+        x,
+        x_stride as i64,
+        rows as c_int,
+        n_cols as i64,
+        xq.cast(),
+        ith as c_int,
+        nth as c_int,
+    )
 }
 
 #[derive(Clone, Copy)]

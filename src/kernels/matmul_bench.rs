@@ -12,7 +12,7 @@
 //! Q4_K/Q6_K).
 
 use super::bench::time_parallel;
-use super::matmul::{Matmul, MatmulPath, PackedMatrix, RawMatmulParams, WeightType, MAX_ROWS};
+use super::matmul::{Matmul, MatmulPath, PackedMatrix, RawMatmulParams, WeightType, MAX_BATCH};
 use crate::ggml::{Context, CpuBackend, GgmlType, GraphAllocator, RepackBufferType, Tensor};
 use std::time::{Duration, Instant};
 
@@ -159,8 +159,8 @@ pub fn bench_matmul(opts: &MatmulBenchOptions) -> anyhow::Result<Vec<MatmulBench
         .collect::<Result<Vec<_>, _>>()?;
     for &r in &opts.rows {
         anyhow::ensure!(
-            (1..=MAX_ROWS).contains(&r),
-            "activation rows must be 1..={MAX_ROWS}, got {r}"
+            (1..=MAX_BATCH).contains(&r),
+            "activation rows must be 1..={MAX_BATCH}, got {r}"
         );
     }
     let mut out = Vec::new();

@@ -473,17 +473,59 @@ fn thread_splits_orders_and_prequantized_acts_are_bit_identical() {
 }
 
 #[test]
-fn more_than_eight_rows_are_batched() {
-    let c = Case::new(WeightType::Q8_0, 20, 64, 5);
-    let x = make_acts(8, 64, 1)
-        .into_iter()
-        .chain(make_acts(5, 64, 2))
-        .collect::<Vec<_>>();
-    let m = Matmul::selected().unwrap();
-    let mut y = vec![f32::NAN; 13 * 20];
-    m.run(&c.packed, &x, &mut y, 2).unwrap();
-    let refs = references(&c, &x, 13);
-    check("selected", &c, 13, &y, &refs, 1e-5);
+fn batches_are_computed_in_chunks_of_eight_rows() {
+    // A batch of 21 rows in one call: each chunk of 8 rows (and the last of 5) gives exactly
+    // what a call with those rows alone gives; quantizing in parts from several threads gives
+    // the same bytes as quantizing at once.
+    for ty in WeightType::ALL {
+        let c = Case::new(ty, 20, 512, 5);
+        let x: Vec<f32> = (0..3)
+            .flat_map(|i| make_acts(8, 512, i))
+            .take(21 * 512)
+            .collect();
+        let xq = QuantizedActs::quantize(&x, 21, 512).unwrap();
+        for r in 0..21 {
+            let one = QuantizedActs::quantize(&x[r * 512..(r + 1) * 512], 1, 512).unwrap();
+            assert_eq!(xq.q(r), one.q(0), "row {r} values");
+            assert_eq!(xq.d(r), one.d(0), "row {r} scales");
+        }
+        let bytes = quantized_acts_bytes(21, 512).unwrap();
+        let mut parts = vec![0u8; bytes];
+        let mut whole = vec![0u8; bytes];
+        // SAFETY: both buffers hold the batch's bytes; x holds 21 rows of 512.
+        unsafe {
+            for ith in [2, 0, 1] {
+                assert_eq!(
+                    quantize_part_raw(x.as_ptr(), 512, 21, 512, parts.as_mut_ptr(), ith, 3),
+                    0
+                );
+            }
+            assert_eq!(
+                quantize_part_raw(x.as_ptr(), 512, 21, 512, whole.as_mut_ptr(), 0, 1),
+                0
+            );
+        }
+        assert!(parts == whole, "{ty}: quantize_part in 3 parts differs");
+        for (name, m) in matmuls() {
+            let mut y = vec![f32::NAN; 21 * 20];
+            m.run(&c.packed, &x, &mut y, 2).unwrap();
+            let refs = references(&c, &x, 21);
+            check(&name, &c, 21, &y, &refs, 1e-5);
+            for (c0, rows) in [(0, 8), (8, 8), (16, 5)] {
+                let mut part = vec![f32::NAN; rows * 20];
+                m.run(&c.packed, &x[c0 * 512..(c0 + rows) * 512], &mut part, 1)
+                    .unwrap();
+                assert!(
+                    part.iter()
+                        .zip(&y[c0 * 20..])
+                        .all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "{name} {ty}: rows {c0}.. of the batch differ from a call with them alone"
+                );
+            }
+            m.run_quantized(&c.packed, &xq, &mut y, 3).unwrap();
+            check(&name, &c, 21, &y, &refs, 1e-5);
+        }
+    }
 }
 
 #[test]
@@ -531,7 +573,8 @@ fn validation_errors() {
         .run_sequential(&c.packed, &x, None, &mut y, 2, &[0, 0])
         .is_err());
     assert!(QuantizedActs::quantize(&x, 1, 48).is_err());
-    assert!(QuantizedActs::quantize(&[0.0; 9 * 32], 9, 32).is_err());
+    assert!(QuantizedActs::quantize(&[], 0, 32).is_err());
+    assert!(quantized_acts_bytes(MAX_BATCH + 1, 32).is_err());
     let q96 = QuantizedActs::quantize(&[0.0; 96], 1, 96).unwrap();
     assert!(m.run_quantized(&c.packed, &q96, &mut y, 1).is_err());
     m.run(&c.packed, &x, &mut y, 1).unwrap();
@@ -557,8 +600,8 @@ fn validation_errors() {
         assert_eq!(m.run_raw(&raw, 0, 1), -1, "no scratch");
         raw.nr = 0;
         assert_eq!(m.run_raw(&raw, 0, 1), -1, "nr 0");
-        raw.nr = 9;
-        assert_eq!(m.run_raw(&raw, 0, 1), -1, "nr 9");
+        raw.nr = MAX_BATCH as i32 + 1;
+        assert_eq!(m.run_raw(&raw, 0, 1), -1, "nr above the batch limit");
         raw.nr = 1;
         raw.n_cols = 48;
         assert_eq!(m.run_raw(&raw, 0, 1), -1, "48 columns");

@@ -287,3 +287,35 @@ int mk_matmul(const struct mk_mm_params *p, int ith, int nth)
 {
     return mk_mm_path_fn(mk_mm_current_path())(p, ith, nth);
 }
+
+static mm_qpart_fn mk_mm_qpart_fn(enum mk_mm_path path)
+{
+    switch (path) {
+#if defined(__x86_64__)
+    case MK_MM_AVX2:
+        return mm_qpart_avx2;
+    case MK_MM_AVXVNNI:
+        return mm_qpart_avxvnni;
+    case MK_MM_AVX512:
+        return mm_qpart_avx512;
+    case MK_MM_AVX512VNNI:
+        return mm_qpart_avx512vnni;
+#endif
+#if defined(__aarch64__)
+    case MK_MM_NEON:
+        return mm_qpart_neon;
+    case MK_MM_NEON_DOTPROD:
+        return mm_qpart_neon_dotprod;
+#endif
+    default:
+        return mm_qpart_scalar;
+    }
+}
+
+int mk_mm_quantize_part(const float *x, int64_t x_stride, int nr, int64_t n_cols, void *xq, int ith, int nth)
+{
+    if (!x || !xq || mk_mm_act_size(n_cols, nr) == 0 || x_stride < n_cols || nth <= 0 || ith < 0 || ith >= nth)
+        return -1;
+    mk_mm_qpart_fn(mk_mm_current_path())(x, x_stride, nr, n_cols, xq, ith, nth);
+    return 0;
+}

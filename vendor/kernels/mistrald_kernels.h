@@ -131,7 +131,7 @@ void mk_attention_neon(const struct mk_attn_params *p, int ith, int nth);
  * Quantized matrix-vector products                                         *
  * ======================================================================== *
  *
- * y[r][n] = sum_k W[n][k] * x[r][k]   for r < nr (1..MK_MM_MAX_NR activation
+ * y[r][n] = sum_k W[n][k] * x[r][k]   for r < nr (1..MK_MM_MAX_BATCH activation
  * rows), n < n_rows (output features), k < n_cols, x and y f32, W a GGUF
  * weight matrix (ggml's layout: row n is n_cols / block-size blocks of wtype)
  * converted once by mk_mm_pack() into mistrald's packed layout (below).
@@ -179,15 +179,21 @@ void mk_attention_neon(const struct mk_attn_params *p, int ith, int nth);
  * Sizes equal GGUF's per row (Q4_0 18 bytes per 32, Q8_0 34, Q4_K 148 per
  * 256 (GGUF 144), Q6_K 212 (GGUF 210)) plus the zero rows of the last tile.
  *
+ * Batches: rows are computed MK_MM_MAX_NR (8) at a time; for each tile every
+ * chunk of 8 rows is computed while the tile is in the CPU's caches, so the
+ * weights are read from memory once per call whatever the batch (decode: 1
+ * row; small batches of continuous batching; prefill chunks).
+ *
  * Threading: mk_matmul(p, ith, nth) computes thread ith's share, a contiguous
  * range of tiles (tiles * ith / nth .. tiles * (ith+1) / nth), prefetching the
  * weights mk_mm_get_prefetch() bytes ahead in address order (into the next
  * tile at a tile's end). There is no synchronisation between threads: unless
- * the caller passes activations already quantized by mk_mm_quantize() (xq),
- * every thread quantizes x into its own part of the scratch memory (for 8 rows
- * of 14336 values about 160 KB and a few microseconds, against milliseconds
- * for the weights), so the call needs no barrier: a ggml custom op's threads
- * have none. No allocation; under 2 KiB of stack.
+ * the caller passes activations already quantized (xq: mk_mm_quantize, or
+ * mk_mm_quantize_part from every thread in a step before), every thread
+ * quantizes x into its own part of the scratch memory (for 8 rows of 14336
+ * values about 160 KB and a few microseconds, against milliseconds for the
+ * weights), so the call needs no barrier: a ggml custom op's threads have
+ * none. No allocation; under 2 KiB of stack.
  */
 
 /* Weight types (values equal ggml's enum ggml_type). */
@@ -207,10 +213,13 @@ enum mk_mm_path {
 
 /* Output rows per packed tile. */
 #define MK_MM_TILE_ROWS 16
-/* Most activation rows of one call. */
+/* Activation rows computed per pass over a tile (a batch is processed in
+ * chunks of this many). */
 #define MK_MM_MAX_NR 8
-/* Alignment the packed weights, the quantized activations and the scratch
- * memory must have. */
+/* Most activation rows of one call. */
+#define MK_MM_MAX_BATCH 65536
+/* Alignment recommended for the packed weights, the quantized activations and
+ * the scratch memory (the kernels use unaligned loads: any alignment works). */
 #define MK_MM_ALIGN 64
 
 /* Bytes of one packed tile (16 rows of n_cols), a multiple of 64; 0 if wtype
@@ -231,28 +240,37 @@ size_t mk_mm_packed_size(int wtype, int64_t n_rows, int64_t n_cols);
 int mk_mm_pack(int wtype, int64_t n_rows, int64_t n_cols, const void *src, void *dst, int64_t tile_begin,
                int64_t tile_end);
 
-/* Bytes of nr quantized activation rows of n_cols values (a multiple of 64):
- * int8 q[nr][n_cols], then f32 d[nr][n_cols/32], f32 d*sum(q)[nr][n_cols/32],
- * int32 half-block sums [nr][n_cols/32][2], each section 64-byte aligned. */
+/* Bytes of nr (1..MK_MM_MAX_BATCH) quantized activation rows of n_cols values,
+ * a multiple of 64, 0 if invalid. Rows are stored in chunks of 8 (the last may
+ * hold fewer); a chunk of c rows is: int8 q[c][n_cols], then f32
+ * d[c][n_cols/32], f32 d*sum(q)[c][n_cols/32], int32 half-block sums
+ * [c][n_cols/32][2], each section 64-byte aligned; chunk j starts at
+ * j * mk_mm_act_size(n_cols, 8). */
 size_t mk_mm_act_size(int64_t n_cols, int nr);
 
-/* Quantizes nr rows (x[r * x_stride + k]) into xq (mk_mm_act_size bytes,
- * 64-byte aligned). Returns 0, or -1 on invalid arguments (n_cols not a
- * positive multiple of 32, nr not in 1..MK_MM_MAX_NR, x_stride < n_cols). */
+/* Quantizes nr rows (x[r * x_stride + k]) into xq (mk_mm_act_size bytes).
+ * Returns 0, or -1 on invalid arguments (n_cols not a positive multiple of
+ * 32, nr not in 1..MK_MM_MAX_BATCH, x_stride < n_cols). */
 int mk_mm_quantize(const float *x, int64_t x_stride, int nr, int64_t n_cols, void *xq);
+
+/* Thread ith of nth's share of mk_mm_quantize (a contiguous range of chunks;
+ * calling it for every ith quantizes all rows), with the selected path's
+ * vector code (the bytes are the same on every path). For a graph node that
+ * quantizes once for the products that follow it. */
+int mk_mm_quantize_part(const float *x, int64_t x_stride, int nr, int64_t n_cols, void *xq, int ith, int nth);
 
 struct mk_mm_params {
     int32_t wtype;       /* enum mk_wtype */
-    int32_t nr;          /* activation rows, 1..MK_MM_MAX_NR */
+    int32_t nr;          /* activation rows, 1..MK_MM_MAX_BATCH */
     int64_t n_rows;      /* output features (rows of W), >= 1 */
     int64_t n_cols;      /* inputs (columns of W), a multiple of the block size */
-    const void *w;       /* packed weights (mk_mm_pack), mk_mm_packed_size bytes, 64-byte aligned */
+    const void *w;       /* packed weights (mk_mm_pack), mk_mm_packed_size bytes */
     const float *x;      /* activations x[r * x_stride + k]; unused when xq is set */
     int64_t x_stride;    /* >= n_cols */
     const void *xq;      /* NULL, or the activations quantized by mk_mm_quantize (then x and scratch are unused) */
     float *y;            /* output y[r * y_stride + n], n < n_rows; written, never read */
     int64_t y_stride;    /* >= n_rows */
-    void *scratch;       /* with xq NULL: mk_mm_scratch_size(p, nth) bytes, 64-byte aligned; thread ith uses its own part */
+    void *scratch;       /* with xq NULL: mk_mm_scratch_size(p, nth) bytes; thread ith uses its own part */
     size_t scratch_bytes;
 };
 

@@ -7,4 +7,5 @@
 #include "mm_x86.h"
 
 #define MM_ENTRY mk_matmul_avx2
+#define MM_QPART mm_qpart_avx2
 #include "mm_driver.h"

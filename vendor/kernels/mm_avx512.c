@@ -7,4 +7,5 @@
 #include "mm_x86.h"
 
 #define MM_ENTRY mk_matmul_avx512
+#define MM_QPART mm_qpart_avx512
 #include "mm_driver.h"

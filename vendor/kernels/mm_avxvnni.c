@@ -7,4 +7,5 @@
 #include "mm_x86.h"
 
 #define MM_ENTRY mk_matmul_avxvnni
+#define MM_QPART mm_qpart_avxvnni
 #include "mm_driver.h"

@@ -7,4 +7,5 @@
 #include "mm_x86.h"
 
 #define MM_ENTRY mk_matmul_avxvnni_evex
+#define MM_QPART mm_qpart_avxvnni_evex
 #include "mm_driver.h"

@@ -110,9 +110,23 @@ static inline size_t mm_act_f_bytes(int64_t K, int nr)
     return mm_round64((size_t)(K / 32) * (size_t)nr * 4);
 }
 
+/* Bytes of one chunk of nr <= 8 rows. */
 static inline size_t mm_act_bytes(int64_t K, int nr)
 {
     return mm_act_q_bytes(K, nr) + 2 * mm_act_f_bytes(K, nr) + mm_round64((size_t)(K / 32) * (size_t)nr * 8);
+}
+
+/* Bytes of a batch of nr rows: chunks of 8, the last with nr % 8. */
+static inline size_t mm_act_batch_bytes(int64_t K, int nr)
+{
+    return (size_t)(nr / MK_MM_MAX_NR) * mm_act_bytes(K, MK_MM_MAX_NR) +
+           (nr % MK_MM_MAX_NR ? mm_act_bytes(K, nr % MK_MM_MAX_NR) : 0);
+}
+
+static inline int mm_chunk_rows(int nr, int c)
+{
+    const int left = nr - c * MK_MM_MAX_NR;
+    return left < MK_MM_MAX_NR ? left : MK_MM_MAX_NR;
 }
 
 static inline void mm_act_view(struct mm_act *a, const void *xq, int nr, int64_t K)
@@ -185,16 +199,31 @@ static inline void mm_quantize_scalar(const float *x, int64_t x_stride, int nr, 
 static inline size_t mm_check_params(const struct mk_mm_params *p, int ith, int nth)
 {
     struct mm_geom g;
-    if (!p || nth <= 0 || ith < 0 || ith >= nth || p->nr < 1 || p->nr > MK_MM_MAX_NR || p->n_rows < 1 ||
+    if (!p || nth <= 0 || ith < 0 || ith >= nth || p->nr < 1 || p->nr > MK_MM_MAX_BATCH || p->n_rows < 1 ||
         mm_geom(p->wtype, p->n_cols, &g) != 0 || !p->w || !p->y || p->y_stride < p->n_rows)
         return 0;
     if (!p->xq) {
         if (!p->x || p->x_stride < p->n_cols || !p->scratch ||
-            p->scratch_bytes / (size_t)nth < mm_act_bytes(p->n_cols, p->nr))
+            p->scratch_bytes / (size_t)nth < mm_act_batch_bytes(p->n_cols, p->nr))
             return 0;
     }
     return g.meta + g.quant;
 }
+
+/* Each path's share of mk_mm_quantize_part (mm_driver.h), for the dispatcher. */
+typedef void (*mm_qpart_fn)(const float *x, int64_t x_stride, int nr, int64_t K, void *xq, int ith, int nth);
+void mm_qpart_scalar(const float *x, int64_t x_stride, int nr, int64_t K, void *xq, int ith, int nth);
+#if defined(__x86_64__)
+void mm_qpart_avx2(const float *x, int64_t x_stride, int nr, int64_t K, void *xq, int ith, int nth);
+void mm_qpart_avxvnni(const float *x, int64_t x_stride, int nr, int64_t K, void *xq, int ith, int nth);
+void mm_qpart_avx512(const float *x, int64_t x_stride, int nr, int64_t K, void *xq, int ith, int nth);
+void mm_qpart_avx512vnni(const float *x, int64_t x_stride, int nr, int64_t K, void *xq, int ith, int nth);
+void mm_qpart_avxvnni_evex(const float *x, int64_t x_stride, int nr, int64_t K, void *xq, int ith, int nth);
+#endif
+#if defined(__aarch64__)
+void mm_qpart_neon(const float *x, int64_t x_stride, int nr, int64_t K, void *xq, int ith, int nth);
+void mm_qpart_neon_dotprod(const float *x, int64_t x_stride, int nr, int64_t K, void *xq, int ith, int nth);
+#endif
 
 /* Software prefetch distance in bytes (cpu_features.c). */
 extern int mk_mm_pf_distance;
@@ -214,6 +243,16 @@ static inline const uint8_t *mm_pf_addr(const uint8_t *cur, size_t dist, const u
  * 1024x4096 Q4_0, one thread: no prefetch 12-13 GB/s; into L1 8 KB ahead
  * ~15; into L2 8 KB ahead 21-29 (a plain read of the same buffers: 22-26). */
 #define MM_PF(addr) __builtin_prefetch((const void *)(addr), 0, 2)
+
+/* Quantizes chunks [c0, c1) of a batch of nr rows with `q` (a chunk quantizer). */
+static inline void mm_quantize_chunks(void (*q)(const float *, int64_t, int, int64_t, void *), const float *x,
+                                      int64_t x_stride, int nr, int64_t K, void *xq, int c0, int c1)
+{
+    const size_t chunk = mm_act_bytes(K, MK_MM_MAX_NR);
+    for (int c = c0; c < c1; c++)
+        q(x + (size_t)c * MK_MM_MAX_NR * (size_t)x_stride, x_stride, mm_chunk_rows(nr, c), K,
+          (uint8_t *)xq + (size_t)c * chunk);
+}
 
 /* Tile function: computes out[r*16 + i] = row i of the tile times activation row r. */
 typedef void (*mm_tile_fn)(const uint8_t *tile, size_t tile_bytes, const struct mm_act *a, float *out);

@@ -4,4 +4,5 @@
 #include "mm_neon.h"
 
 #define MM_ENTRY mk_matmul_neon
+#define MM_QPART mm_qpart_neon
 #include "mm_driver.h"

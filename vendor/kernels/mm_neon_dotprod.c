@@ -5,4 +5,5 @@
 #include "mm_neon.h"
 
 #define MM_ENTRY mk_matmul_neon_dotprod
+#define MM_QPART mm_qpart_neon_dotprod
 #include "mm_driver.h"

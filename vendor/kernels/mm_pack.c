@@ -33,16 +33,16 @@ size_t mk_mm_packed_size(int wtype, int64_t n_rows, int64_t n_cols)
 
 size_t mk_mm_act_size(int64_t n_cols, int nr)
 {
-    if (n_cols <= 0 || n_cols % 32 != 0 || n_cols > ((int64_t)1 << 40) || nr < 1 || nr > MK_MM_MAX_NR)
+    if (n_cols <= 0 || n_cols % 32 != 0 || n_cols > ((int64_t)1 << 30) || nr < 1 || nr > MK_MM_MAX_BATCH)
         return 0;
-    return mm_act_bytes(n_cols, nr);
+    return mm_act_batch_bytes(n_cols, nr);
 }
 
 int mk_mm_quantize(const float *x, int64_t x_stride, int nr, int64_t n_cols, void *xq)
 {
     if (!x || !xq || mk_mm_act_size(n_cols, nr) == 0 || x_stride < n_cols)
         return -1;
-    mm_quantize_scalar(x, x_stride, nr, n_cols, xq);
+    mm_quantize_chunks(mm_quantize_scalar, x, x_stride, nr, n_cols, xq, 0, (nr + MK_MM_MAX_NR - 1) / MK_MM_MAX_NR);
     return 0;
 }
 

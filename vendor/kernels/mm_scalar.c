@@ -167,5 +167,6 @@ MM_SCALAR_TYPE(q6_k)
 static const mm_tile_fn mm_tile_fns[4][MK_MM_MAX_NR] = {MM_ROW(q4_0), MM_ROW(q8_0), MM_ROW(q4_k), MM_ROW(q6_k)};
 
 #define MM_ENTRY mk_matmul_scalar
+#define MM_QPART mm_qpart_scalar
 #define MM_QUANTIZE mm_quantize_scalar
 #include "mm_driver.h"
