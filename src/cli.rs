@@ -2,7 +2,7 @@
 //! bench, info) and the synthetic model writer.
 
 use crate::chat::{ChatMessage, ChatTemplate};
-use crate::engine::{AttentionChoice, Engine, EngineConfig, Logits};
+use crate::engine::{AttentionChoice, Engine, EngineConfig, Logits, MatmulChoice};
 use crate::generation::{generate, GenerationParams};
 use crate::ggml::GgmlType;
 use crate::kv_cache::KvType;
@@ -156,6 +156,10 @@ struct ModelArgs {
     /// Attention implementation: native (mistrald's kernels) or ggml (flash_attn_ext).
     #[arg(long, default_value = "native")]
     attention: AttentionChoice,
+    /// Matrix products: native (mistrald's kernels for Q4_0, Q8_0, Q4_K and Q6_K matrices,
+    /// converted into their layout at load time) or ggml (mul_mat for every matrix).
+    #[arg(long, default_value = "native")]
+    matmul: MatmulChoice,
 }
 
 impl ModelArgs {
@@ -189,6 +193,7 @@ impl ModelArgs {
             &self.path()?,
             LoadOptions {
                 repack: !self.no_repack,
+                native_matmul: self.matmul.native(),
             },
             self.config(),
         )
@@ -616,9 +621,10 @@ fn cmd_info(a: InfoArgs) -> anyhow::Result<()> {
         mib(kv.total_bytes() as u64)
     );
     println!(
-        "weights:         {:.1} MiB memory-mapped, {:.1} MiB of them repacked",
+        "weights:         {:.1} MiB memory-mapped, {:.1} MiB of them repacked, {:.1} MiB packed for the native matrix kernels",
         mib(m.weight_bytes()),
-        mib(m.repacked_bytes())
+        mib(m.repacked_bytes()),
+        mib(m.weights().packed.bytes())
     );
     println!(
         "chat template:   {}",
@@ -629,6 +635,16 @@ fn cmd_info(a: InfoArgs) -> anyhow::Result<()> {
         }
     );
     println!("attention:       {}", engine.attention().describe());
+    println!(
+        "matrix products: {}",
+        match engine.matmul() {
+            Some(m) => format!(
+                "native ({}) for the packed matrices, ggml for the rest",
+                m.path()
+            ),
+            None => "ggml mul_mat".to_string(),
+        }
+    );
     println!("threads:         {}", engine.config().n_threads);
     Ok(())
 }

@@ -40,7 +40,7 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use toml::de::{DeTable, DeValue};
 use toml::Spanned;
 
-use crate::engine::{AttentionChoice, EngineConfig};
+use crate::engine::{AttentionChoice, EngineConfig, MatmulChoice};
 use crate::kv_cache::KvType;
 use crate::model::LoadOptions;
 use crate::plugins::{LoadError, PluginConfig, PluginsConfig};
@@ -134,6 +134,9 @@ pub struct ModelConfig {
     pub attention: AttentionChoice,
     /// Repack the weight matrices ggml can repack at load time.
     pub repack: bool,
+    /// Matrix-product implementation.
+    #[serde(with = "matmul_serde")]
+    pub matmul: MatmulChoice,
 }
 
 impl Default for ModelConfig {
@@ -147,6 +150,7 @@ impl Default for ModelConfig {
             batch_size: 512,
             attention: AttentionChoice::Native,
             repack: true,
+            matmul: MatmulChoice::Native,
         }
     }
 }
@@ -453,6 +457,26 @@ mod kv_type_serde {
     }
 
     pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<KvType, D::Error> {
+        String::deserialize(deserializer)?
+            .parse()
+            .map_err(D::Error::custom)
+    }
+}
+
+/// `model.matmul` as a string.
+mod matmul_serde {
+    use super::*;
+
+    pub fn serialize<S: Serializer>(
+        value: &MatmulChoice,
+        serializer: S,
+    ) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(value.name())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(
+        deserializer: D,
+    ) -> Result<MatmulChoice, D::Error> {
         String::deserialize(deserializer)?
             .parse()
             .map_err(D::Error::custom)
@@ -796,6 +820,16 @@ const OPTIONS: &[OptionDesc] = &[
               memory-mapped file.",
         unset: None,
         flag: Some("--no-repack"),
+        check: Check::Type,
+    },
+    OptionDesc {
+        section: "model",
+        key: "matmul",
+        doc: "Matrix products: \"native\" (mistrald's kernels for Q4_0, Q8_0, Q4_K and Q6_K \
+              matrices, converted into their layout at load time; ggml's for other types) or \
+              \"ggml\" (ggml's mul_mat for every matrix).",
+        unset: None,
+        flag: Some("--matmul"),
         check: Check::Type,
     },
     // [server]
@@ -1227,6 +1261,10 @@ impl ServeConfig {
             self.model.repack = false;
             given.push("model.repack");
         }
+        if let Some(matmul) = flags.matmul {
+            self.model.matmul = matmul;
+            given.push("model.matmul");
+        }
         if let Some(socket) = &flags.socket {
             self.server.socket = Some(socket.clone());
             given.push("server.socket");
@@ -1328,6 +1366,7 @@ impl ServeConfig {
     pub fn load_options(&self) -> LoadOptions {
         LoadOptions {
             repack: self.model.repack,
+            native_matmul: self.model.matmul.native(),
         }
     }
 }
@@ -1608,6 +1647,9 @@ pub struct ServeFlags {
     /// Use every weight in place from the memory-mapped file (model.repack = false).
     #[arg(long)]
     pub no_repack: bool,
+    /// Matrix products: native or ggml (model.matmul).
+    #[arg(long, value_name = "M")]
+    pub matmul: Option<MatmulChoice>,
 }
 
 // ------------------------------------------------------------------------------------------

@@ -215,8 +215,15 @@ fn repacked_weights_give_the_same_logits() {
     let path = tiny_model(dir.path(), GgmlType::Q4_0);
     let toks = tokens(20, 6);
     let run = |repack: bool| {
-        let model =
-            Model::load_with(MappedGguf::open(&path).unwrap(), LoadOptions { repack }).unwrap();
+        let model = Model::load_with(
+            MappedGguf::open(&path).unwrap(),
+            LoadOptions {
+                repack,
+                // ggml's own products in both runs: the repack is what is compared.
+                native_matmul: false,
+            },
+        )
+        .unwrap();
         let repacked = model.repacked_bytes();
         let cfg = EngineConfig {
             n_threads: 1,
@@ -241,6 +248,79 @@ fn repacked_weights_give_the_same_logits() {
         "diff {}",
         max_abs_diff(&plain, &packed)
     );
+}
+
+#[test]
+fn native_matrix_products_match_ggml_products() {
+    // The same model with its matrices multiplied by mistrald's kernels (packed at load) and by
+    // ggml's mul_mat (in place): both quantize the activations to 8 bits per block of 32
+    // (ggml with an f16 scale, the native kernels with an f32 one), so the logits differ by
+    // that rounding only. Prefill in chunks of 13 (two 8-row chunks per product) and decoding.
+    use mistrald::engine::{Engine, EngineConfig};
+    use mistrald::model::{LoadOptions, MappedGguf, Model};
+    let dir = tempdir();
+    for ty in [
+        GgmlType::Q4_0,
+        GgmlType::Q8_0,
+        GgmlType::Q4K,
+        GgmlType::Q6K,
+        GgmlType::F16,
+    ] {
+        let path = tiny_model(dir.path(), ty);
+        let toks = tokens(40, 9);
+        let run = |native_matmul: bool| {
+            let opts = LoadOptions {
+                repack: false,
+                native_matmul,
+            };
+            let model = Model::load_with(MappedGguf::open(&path).unwrap(), opts).unwrap();
+            let packed = model.weights().packed.bytes();
+            let cfg = EngineConfig {
+                n_threads: 2,
+                kv_type: KvType::F32,
+                sliding_window: Some(16),
+                ctx_size: Some(64),
+                batch_size: 13,
+                attention: AttentionChoice::Native,
+            };
+            let mut eng = Engine::new(model, cfg).unwrap();
+            let native = eng.matmul().is_some();
+            let mut seq = eng.new_sequence().unwrap();
+            let mut logits = eng.feed(&mut seq, &toks[..30], Logits::All).unwrap();
+            for &t in &toks[30..] {
+                logits.extend(eng.feed(&mut seq, &[t], Logits::All).unwrap());
+            }
+            (logits, packed, native, eng.hparams().n_vocab)
+        };
+        let (ours, packed, native, n_vocab) = run(true);
+        let (ggml, none, ggml_native, _) = run(false);
+        assert_eq!(none, 0);
+        assert!(!ggml_native);
+        if ty == GgmlType::F16 {
+            assert_eq!(
+                (packed, native),
+                (0, false),
+                "F16 has no native kernel: ggml's products"
+            );
+            assert_eq!(ours, ggml);
+            continue;
+        }
+        assert!(packed > 0 && native, "{ty}: nothing was packed");
+        let scale = ggml.iter().fold(0f32, |a, v| a.max(v.abs()));
+        let diff = max_abs_diff(&ours, &ggml);
+        let agree = rows(&ours, n_vocab)
+            .iter()
+            .zip(rows(&ggml, n_vocab))
+            .filter(|(a, b)| argmax(a) == argmax(b))
+            .count() as f32
+            / 40.0;
+        eprintln!("{ty}: max |native - ggml| {diff:.4} (largest |logit| {scale:.2}), argmax agreement {agree}");
+        assert!(
+            diff <= 0.02 * scale,
+            "{ty}: native vs ggml logits differ by {diff} (scale {scale})"
+        );
+        assert!(agree >= 0.9, "{ty}: argmax agreement {agree}");
+    }
 }
 
 #[test]

@@ -10,6 +10,7 @@ pub mod prompt_cache;
 pub mod scheduler;
 
 use crate::ggml::{Context, CpuBackend, GraphAllocator};
+use crate::kernels::matmul::Matmul;
 use crate::kernels::Kernel;
 use crate::kv_cache::{AttnPlan, KvCache, KvShape, KvType};
 use crate::model::mistral::{
@@ -56,6 +57,44 @@ impl std::str::FromStr for AttentionChoice {
             "ggml" => Ok(AttentionChoice::Ggml),
             _ => Err(format!(
                 "unknown attention implementation '{s}' (expected native or ggml)"
+            )),
+        }
+    }
+}
+
+/// How the weight matrices are multiplied (chosen at load time: it decides their layout).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MatmulChoice {
+    /// mistrald's matrix kernels for Q4_0, Q8_0, Q4_K and Q6_K matrices (packed at load; path
+    /// from the CPU, `MISTRALD_KERNEL` or `MISTRALD_MATMUL_KERNEL`); ggml's for other types.
+    Native,
+    /// ggml's `mul_mat` for every matrix (repacked or in place, as `repack` says).
+    Ggml,
+}
+
+impl MatmulChoice {
+    /// The load options' `native_matmul` for this choice.
+    pub fn native(self) -> bool {
+        self == MatmulChoice::Native
+    }
+
+    /// The name (`native`, `ggml`).
+    pub fn name(self) -> &'static str {
+        match self {
+            MatmulChoice::Native => "native",
+            MatmulChoice::Ggml => "ggml",
+        }
+    }
+}
+
+impl std::str::FromStr for MatmulChoice {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "native" => Ok(MatmulChoice::Native),
+            "ggml" => Ok(MatmulChoice::Ggml),
+            _ => Err(format!(
+                "unknown matrix-product implementation '{s}' (expected native or ggml)"
             )),
         }
     }
@@ -163,6 +202,7 @@ pub struct Engine {
     n_ctx: usize,
     kv_shape: KvShape,
     attention: AttentionImpl,
+    matmul: Option<Matmul>,
 }
 
 impl Engine {
@@ -213,6 +253,12 @@ impl Engine {
             }
             AttentionChoice::Ggml => AttentionImpl::Ggml,
         };
+        // Matrices loaded for the native matrix kernels are multiplied by them.
+        let matmul = if model.weights().packed.is_empty() {
+            None
+        } else {
+            Some(Matmul::selected()?)
+        };
         let backend = CpuBackend::new(cfg.n_threads)?;
         Ok(Engine {
             model,
@@ -222,6 +268,7 @@ impl Engine {
             n_ctx,
             kv_shape,
             attention,
+            matmul,
         })
     }
 
@@ -248,6 +295,12 @@ impl Engine {
     /// The attention implementation in use.
     pub fn attention(&self) -> AttentionImpl {
         self.attention
+    }
+
+    /// The native matrix kernel multiplying the packed weight matrices (`None`: every product
+    /// through ggml, as when loaded without `native_matmul` or no matrix has a supported type).
+    pub fn matmul(&self) -> Option<Matmul> {
+        self.matmul
     }
 
     /// The context length: the most positions one sequence is meant to use (with a window the
@@ -354,6 +407,7 @@ impl Engine {
             out_rows.len(),
             StepCompute {
                 attention: self.attention,
+                matmul: self.matmul,
                 n_threads: self.backend.n_threads(),
             },
         );

@@ -1,8 +1,11 @@
-//! The native attention kernel as a node of the ggml graph (a custom operation), so it runs
-//! inside the same graph computation as the rest of the forward pass, on ggml's threads.
+//! The native kernels as nodes of the ggml graph (custom operations), so they run inside the
+//! same graph computation as the rest of the forward pass, on ggml's threads: attention
+//! ([`AttentionOp`]) and the quantized matrix products ([`QuantizeOp`] then [`MatmulOp`]).
 
+use super::matmul::{Matmul, PackedMatrix, RawMatmulParams};
 use super::{AttnParams, Kernel, KernelError, RawAttnParams, Scratch};
 use crate::ggml::{CustomOp, OpTensor};
+use std::sync::Arc;
 
 /// A ggml custom operation computing attention with the native kernel. Its arguments, in
 /// order: `q` `[head_dim, n_head, n_q]`, `k_new` and `v_new` `[head_dim*n_head_kv, n_q]` (f32,
@@ -57,5 +60,108 @@ impl CustomOp for AttentionOp {
         // there), the tensors are allocated while the graph runs, and ggml calls every
         // ith in 0..nth exactly once.
         unsafe { self.kernel.run_raw(&p, ith as i32, nth as i32) }
+    }
+}
+
+/// Quantizes a batch of activation rows for the native matrix kernels, as its own graph node:
+/// every compute thread quantizes a range of 8-row chunks (the node before and the products
+/// after it are separated by ggml's barriers), and the products that read the same input share
+/// the result. Argument: `x` `[n_cols, rows]` f32 (rows may be strided). Output: an f32 tensor
+/// of [`QuantizeOp::output_len`] elements holding the quantized bytes.
+pub struct QuantizeOp {
+    rows: usize,
+    n_cols: usize,
+}
+
+impl QuantizeOp {
+    /// The node for `rows` rows of `n_cols` values; fails for shapes the kernels do not take.
+    pub fn new(rows: usize, n_cols: usize) -> Result<QuantizeOp, KernelError> {
+        super::matmul::quantized_acts_bytes(rows, n_cols)?;
+        Ok(QuantizeOp { rows, n_cols })
+    }
+
+    /// Elements (f32) of the output tensor: the quantized bytes / 4.
+    pub fn output_len(&self) -> usize {
+        super::matmul::quantized_acts_bytes(self.rows, self.n_cols).expect("checked in new") / 4
+    }
+}
+
+impl CustomOp for QuantizeOp {
+    fn compute(&self, dst: OpTensor, srcs: &[OpTensor], ith: usize, nth: usize) {
+        let x = srcs[0];
+        debug_assert_eq!(
+            (x.ne[0] as usize, x.ne[1] as usize, x.nb[0]),
+            (self.n_cols, self.rows, 4)
+        );
+        debug_assert!(dst.ne[0] as usize >= self.output_len());
+        // SAFETY: the graph builder checked the argument's shape (n_cols x rows of f32, row
+        // stride nb[1]) and sized the output for the quantized bytes; each thread writes its
+        // own chunks.
+        let rc = unsafe {
+            super::matmul::quantize_part_raw(
+                x.data as *const f32,
+                x.nb[1] / 4,
+                self.rows,
+                self.n_cols,
+                dst.data as *mut u8,
+                ith,
+                nth,
+            )
+        };
+        debug_assert_eq!(rc, 0);
+    }
+}
+
+/// `y = W·x` with a native matrix kernel on a packed weight matrix, as a graph node. Argument:
+/// the output of a [`QuantizeOp`] over `x` (`rows` rows of the matrix's column count). Output:
+/// `[n_rows, rows]` f32.
+pub struct MatmulOp {
+    matmul: Matmul,
+    weights: Arc<PackedMatrix>,
+    rows: usize,
+}
+
+impl MatmulOp {
+    /// The product of `weights` with `rows` activation rows.
+    pub fn new(
+        matmul: Matmul,
+        weights: Arc<PackedMatrix>,
+        rows: usize,
+    ) -> Result<MatmulOp, KernelError> {
+        super::matmul::quantized_acts_bytes(rows, weights.n_cols())?;
+        Ok(MatmulOp {
+            matmul,
+            weights,
+            rows,
+        })
+    }
+}
+
+impl CustomOp for MatmulOp {
+    fn compute(&self, dst: OpTensor, srcs: &[OpTensor], ith: usize, nth: usize) {
+        let w = &self.weights;
+        debug_assert_eq!(
+            (dst.ne[0] as usize, dst.ne[1] as usize),
+            (w.n_rows(), self.rows)
+        );
+        let p = RawMatmulParams {
+            wtype: w.ty().ggml().id() as i32,
+            nr: self.rows as i32,
+            n_rows: w.n_rows() as i64,
+            n_cols: w.n_cols() as i64,
+            w: w.as_ptr().cast(),
+            x: std::ptr::null(),
+            x_stride: w.n_cols() as i64,
+            xq: srcs[0].data,
+            y: dst.data as *mut f32,
+            y_stride: (dst.nb[1] / 4) as i64,
+            scratch: std::ptr::null_mut(),
+            scratch_bytes: 0,
+        };
+        // SAFETY: the packed matrix lives as long as this op; the argument holds the rows
+        // quantized by a QuantizeOp of the same shape (checked when the graph was built), the
+        // output is `[n_rows, rows]` f32; threads write disjoint output rows.
+        let rc = unsafe { self.matmul.run_raw(&p, ith as i32, nth as i32) };
+        debug_assert_eq!(rc, 0);
     }
 }

@@ -18,9 +18,11 @@
 
 use super::{HParams, Weights};
 use crate::ggml::{Context, GgmlType, Graph, OpHandle, Tensor};
-use crate::kernels::ggml_op::AttentionOp;
+use crate::kernels::ggml_op::{AttentionOp, MatmulOp, QuantizeOp};
+use crate::kernels::matmul::{Matmul, PackedMatrix};
 use crate::kernels::{self, AttnParams, Kernel};
 use crate::kv_cache::{AttnPlan, AttnSource, KvCache, KvShape, KvType};
+use std::sync::Arc;
 
 /// How attention is computed.
 #[derive(Clone, Copy, Debug)]
@@ -54,6 +56,9 @@ pub struct StepCompute {
     pub attention: AttentionImpl,
     /// Threads the graph will be computed with (sizes the native kernel's scratch memory).
     pub n_threads: usize,
+    /// The native matrix kernel for the products whose matrices were packed for it
+    /// ([`Weights::packed`]); `None`: every product through ggml.
+    pub matmul: Option<Matmul>,
 }
 
 /// One sequence's share of a batch.
@@ -90,7 +95,57 @@ pub struct StepGraph<'g> {
 
 /// Upper bound on graph nodes for a step over `n_seqs` sequences.
 pub fn graph_size(hp: &HParams, n_seqs: usize) -> usize {
-    64 + hp.n_layer * (32 + 24 * n_seqs)
+    64 + hp.n_layer * (40 + 24 * n_seqs)
+}
+
+/// Matrix products of one step: through the native kernels for packed matrices (one
+/// quantization node per input, shared by the products that read it), else ggml's `mul_mat`.
+struct Products<'g> {
+    ctx: &'g Context,
+    matmul: Option<Matmul>,
+}
+
+impl<'g> Products<'g> {
+    /// `w·x` for `x` `[k, n]` f32; `xq` caches `x`'s quantization node across calls.
+    fn mul(
+        &self,
+        ops: &mut Vec<OpHandle>,
+        w: Tensor<'_>,
+        packed: &Option<Arc<PackedMatrix>>,
+        x: Tensor<'g>,
+        xq: &mut Option<Tensor<'g>>,
+    ) -> Tensor<'g> {
+        let ctx = self.ctx;
+        let (ne, nb) = (x.ne(), x.nb());
+        let native = match (self.matmul, packed) {
+            (Some(m), Some(p))
+                if ne[2] == 1 && ne[3] == 1 && nb[0] == 4 && x.ty() == GgmlType::F32 =>
+            {
+                Some((m, p))
+            }
+            _ => None,
+        };
+        let Some((m, p)) = native else {
+            return ctx.mul_mat(w, x);
+        };
+        let rows = ne[1] as usize;
+        let q = match *xq {
+            Some(q) => q,
+            None => {
+                let op = QuantizeOp::new(rows, ne[0] as usize)
+                    .expect("activation shape of a packed matrix");
+                let len = op.output_len() as i64;
+                let (q, handle) = ctx.custom_op([len, 1, 1, 1], &[x], Box::new(op));
+                ops.push(handle);
+                *xq = Some(q);
+                q
+            }
+        };
+        let op = MatmulOp::new(m, p.clone(), rows).expect("activation shape of a packed matrix");
+        let (y, handle) = ctx.custom_op([p.n_rows() as i64, rows as i64, 1, 1], &[q], Box::new(op));
+        ops.push(handle);
+        y
+    }
 }
 
 /// Builds the graph for `n_tokens` tokens belonging to `seqs` (in batch order), producing the
@@ -107,7 +162,10 @@ pub fn build_step<'g>(
     let StepCompute {
         attention,
         n_threads,
+        matmul,
     } = compute;
+    let products = Products { ctx, matmul };
+    let no_pack = super::weights::PackedLayer::default();
     let n = n_tokens as i64;
     let (hd, n_head, n_head_kv) = (hp.head_dim as i64, hp.n_head as i64, hp.n_head_kv as i64);
     let mut graph = ctx.new_graph(graph_size(hp, seqs.len()));
@@ -154,11 +212,17 @@ pub fn build_step<'g>(
     let mut ops = Vec::new();
     let mut x = ctx.get_rows(w.tok_embd, tokens);
     for (l, lw) in w.layers.iter().enumerate() {
+        let pw = w.packed.layers.get(l).unwrap_or(&no_pack);
+        let mut mm =
+            |w: Tensor<'_>, p: &Option<Arc<PackedMatrix>>, x, xq: &mut Option<Tensor<'g>>| {
+                products.mul(&mut ops, w, p, x, xq)
+            };
         // --- attention ---
         let h = ctx.mul(ctx.rms_norm(x, hp.rms_eps), lw.attn_norm);
-        let q = ctx.reshape(ctx.mul_mat(lw.wq, h), &[hd, n_head, n]);
-        let k = ctx.reshape(ctx.mul_mat(lw.wk, h), &[hd, n_head_kv, n]);
-        let v = ctx.reshape(ctx.mul_mat(lw.wv, h), &[hd, n_head_kv, n]);
+        let hq = &mut None;
+        let q = ctx.reshape(mm(lw.wq, &pw.wq, h, hq), &[hd, n_head, n]);
+        let k = ctx.reshape(mm(lw.wk, &pw.wk, h, hq), &[hd, n_head_kv, n]);
+        let v = ctx.reshape(mm(lw.wv, &pw.wv, h, hq), &[hd, n_head_kv, n]);
         let q = ctx.rope_normal(
             q,
             positions,
@@ -210,12 +274,20 @@ pub fn build_step<'g>(
             });
         }
         let attn = attn.expect("a step has at least one sequence");
-        x = ctx.add(x, ctx.mul_mat(lw.wo, attn));
+        let mut mm =
+            |w: Tensor<'_>, p: &Option<Arc<PackedMatrix>>, x, xq: &mut Option<Tensor<'g>>| {
+                products.mul(&mut ops, w, p, x, xq)
+            };
+        x = ctx.add(x, mm(lw.wo, &pw.wo, attn, &mut None));
 
         // --- feed-forward ---
         let h = ctx.mul(ctx.rms_norm(x, hp.rms_eps), lw.ffn_norm);
-        let ff = ctx.swiglu(ctx.mul_mat(lw.w_gate, h), ctx.mul_mat(lw.w_up, h));
-        x = ctx.add(x, ctx.mul_mat(lw.w_down, ff));
+        let hq = &mut None;
+        let ff = ctx.swiglu(
+            mm(lw.w_gate, &pw.w_gate, h, hq),
+            mm(lw.w_up, &pw.w_up, h, hq),
+        );
+        x = ctx.add(x, mm(lw.w_down, &pw.w_down, ff, &mut None));
     }
 
     // Only the rows whose logits are wanted go through the output head.
@@ -225,7 +297,10 @@ pub fn build_step<'g>(
         ctx.get_rows(x, out_rows)
     };
     let x = ctx.mul(ctx.rms_norm(x, hp.rms_eps), w.output_norm);
-    let logits = ctx.mul_mat(w.output, x).set_name("logits").mark_output();
+    let logits = products
+        .mul(&mut ops, w.output, &w.packed.output, x, &mut None)
+        .set_name("logits")
+        .mark_output();
     graph.expand(logits);
     StepGraph {
         graph,

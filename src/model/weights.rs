@@ -3,7 +3,9 @@
 use super::{HParams, MappedGguf};
 use crate::ggml::gguf::{GgufFile, TensorInfo};
 use crate::ggml::{BackendBuffer, Context, GgmlType, RepackBufferType, Tensor};
+use crate::kernels::matmul::{PackedMatrix, WeightType};
 use anyhow::Context as _;
+use std::sync::Arc;
 
 /// One transformer block's weights.
 #[derive(Clone, Copy)]
@@ -38,6 +40,59 @@ pub struct Weights<'a> {
     pub output_norm: Tensor<'a>,
     /// Output head, `[n_embd, n_vocab]` (the embedding matrix when the file ties them).
     pub output: Tensor<'a>,
+    /// The matrices converted for mistrald's native matrix kernels (see
+    /// [`LoadOptions::native_matmul`]); a product whose matrix is here runs natively.
+    pub packed: PackedWeights,
+}
+
+/// One block's matrices in the native kernels' packed layout (`None`: used through ggml).
+#[derive(Clone, Default)]
+pub struct PackedLayer {
+    /// Query projection.
+    pub wq: Option<Arc<PackedMatrix>>,
+    /// Key projection.
+    pub wk: Option<Arc<PackedMatrix>>,
+    /// Value projection.
+    pub wv: Option<Arc<PackedMatrix>>,
+    /// Attention output projection.
+    pub wo: Option<Arc<PackedMatrix>>,
+    /// SwiGLU gate projection.
+    pub w_gate: Option<Arc<PackedMatrix>>,
+    /// SwiGLU up projection.
+    pub w_up: Option<Arc<PackedMatrix>>,
+    /// SwiGLU down projection.
+    pub w_down: Option<Arc<PackedMatrix>>,
+}
+
+/// The weight matrices converted for the native matrix kernels.
+#[derive(Clone, Default)]
+pub struct PackedWeights {
+    /// Per block (empty when nothing was converted).
+    pub layers: Vec<PackedLayer>,
+    /// Output head.
+    pub output: Option<Arc<PackedMatrix>>,
+}
+
+impl PackedWeights {
+    /// Bytes of packed matrices.
+    pub fn bytes(&self) -> u64 {
+        let one = |m: &Option<Arc<PackedMatrix>>| m.as_ref().map_or(0, |m| m.bytes().len() as u64);
+        self.layers
+            .iter()
+            .map(|l| {
+                [&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down]
+                    .into_iter()
+                    .map(one)
+                    .sum::<u64>()
+            })
+            .sum::<u64>()
+            + one(&self.output)
+    }
+
+    /// Whether any matrix was converted.
+    pub fn is_empty(&self) -> bool {
+        self.bytes() == 0
+    }
 }
 
 /// How weights are placed in memory.
@@ -49,11 +104,20 @@ pub struct LoadOptions {
     /// as each is converted, so the process never holds two copies. Without it every weight is
     /// used in place from the memory map (for models that must stream from the page cache).
     pub repack: bool,
+    /// Convert the Q4_0, Q8_0, Q4_K and Q6_K weight matrices into the packed layout of
+    /// mistrald's own matrix kernels (`vendor/kernels/mm_*`), which the engine then uses for
+    /// their products (the default). Like the repack, the converted matrices live in anonymous
+    /// memory and their mapped pages are released as each is converted. Matrices of other
+    /// types keep to `repack`.
+    pub native_matmul: bool,
 }
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        LoadOptions { repack: true }
+        LoadOptions {
+            repack: true,
+            native_matmul: true,
+        }
     }
 }
 
@@ -138,6 +202,8 @@ impl Model {
             None
         };
         let mut to_repack: Vec<(Tensor<'static>, u64)> = Vec::new();
+        // Matrices for the native kernels.
+        let mut to_pack: Vec<ToPack> = Vec::new();
         let mut load = |name: &str, ne: &[u64], norm: bool| -> anyhow::Result<Tensor<'static>> {
             let info = g
                 .tensor(name)
@@ -148,8 +214,23 @@ impl Model {
             let t = unsafe { ctx.new_tensor(info.ty, &dims).set_name(name).detach() };
             // The embedding matrix is read by row lookups, which need the file's layout.
             let matrix = ne.len() == 2 && name != "token_embd.weight";
-            match &repack {
-                Some(r) if matrix && r.supports(t) => to_repack.push((t, info.offset)),
+            let native = WeightType::from_ggml(info.ty).filter(|_| matrix && opts.native_matmul);
+            match (&repack, native) {
+                (_, Some(ty)) => {
+                    // Also placed in place, so the tensor stays valid for ggml (its pages are
+                    // released once packed, and read back from the file if ever used).
+                    buffer.place(t, info.offset as usize)?;
+                    to_pack.push(ToPack {
+                        name: name.to_string(),
+                        ty,
+                        rows: ne[1] as usize,
+                        cols: ne[0] as usize,
+                        offset: info.offset,
+                        size: info.size,
+                        release: true,
+                    });
+                }
+                (Some(r), None) if matrix && r.supports(t) => to_repack.push((t, info.offset)),
                 _ => buffer.place(t, info.offset as usize)?,
             }
             Ok(t)
@@ -176,6 +257,22 @@ impl Model {
                 w_down: load(&n("ffn_down"), &[ff, e], false)?,
             });
         }
+        // A tied output head is packed from the embedding matrix, whose pages the row lookups
+        // keep reading (so they stay).
+        if g.tensor("output.weight").is_none() && opts.native_matmul {
+            let info = g.tensor("token_embd.weight").expect("loaded above");
+            if let Some(ty) = WeightType::from_ggml(info.ty) {
+                to_pack.push(ToPack {
+                    name: "output.weight".into(),
+                    ty,
+                    rows: v as usize,
+                    cols: e as usize,
+                    offset: info.offset,
+                    size: info.size,
+                    release: false,
+                });
+            }
+        }
         if let Some(extra) = g
             .tensors
             .iter()
@@ -195,6 +292,7 @@ impl Model {
             _ => None,
         };
         let repacked_bytes = to_repack.iter().map(|(t, _)| t.nbytes() as u64).sum();
+        let packed = pack_weights(&to_pack, hp.n_layer, &file, progress)?;
         Ok(Model {
             hparams: hp,
             weights: Weights {
@@ -202,6 +300,7 @@ impl Model {
                 layers,
                 output_norm,
                 output,
+                packed,
             },
             repacked_bytes,
             _ctx: ctx,
@@ -272,6 +371,84 @@ fn check_tensor(g: &GgufFile, info: &TensorInfo, ne: &[u64], norm: bool) -> anyh
     Ok(())
 }
 
+/// Drops the pages of `bytes` (inside the read-only map) from this process's memory: a copy in
+/// another layout replaces them. They are read back from the file if ever touched again.
+fn release_pages(bytes: &[u8]) {
+    // SAFETY: sysconf has no preconditions.
+    let page = (unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).max(4096) as usize;
+    let begin = (bytes.as_ptr() as usize).next_multiple_of(page);
+    let end = (bytes.as_ptr() as usize + bytes.len()) / page * page;
+    if end > begin {
+        // SAFETY: the range lies inside the read-only file map; MADV_DONTNEED on it only drops
+        // clean pages, which the kernel reads back from the file on a later access.
+        unsafe { libc::madvise(begin as *mut libc::c_void, end - begin, libc::MADV_DONTNEED) };
+    }
+}
+
+/// A matrix to convert for the native kernels.
+struct ToPack {
+    /// Tensor name, which says its role.
+    name: String,
+    ty: WeightType,
+    rows: usize,
+    cols: usize,
+    /// Offset and size of its data in the data section.
+    offset: u64,
+    size: u64,
+    /// Release its mapped pages once converted (not for data used in place too).
+    release: bool,
+}
+
+/// Converts the matrices `to_pack` lists into the native kernels' layout, releasing each one's
+/// mapped pages once converted (where asked), and files them by role.
+fn pack_weights(
+    to_pack: &[ToPack],
+    n_layer: usize,
+    file: &MappedGguf,
+    progress: &mut dyn FnMut(u64, u64),
+) -> anyhow::Result<PackedWeights> {
+    let mut packed = PackedWeights::default();
+    if to_pack.is_empty() {
+        return Ok(packed);
+    }
+    packed.layers = vec![PackedLayer::default(); n_layer];
+    let total: u64 = to_pack.iter().map(|t| t.size).sum();
+    let mut done = 0u64;
+    let data = &file.mmap[file.info.data_offset as usize..];
+    for t in to_pack {
+        let name = &t.name;
+        let bytes = &data[t.offset as usize..(t.offset + t.size) as usize];
+        let m = PackedMatrix::pack(t.ty, t.rows, t.cols, bytes)
+            .with_context(|| format!("{}: tensor '{name}'", file.info.path.display()))?;
+        if t.release {
+            release_pages(bytes);
+        }
+        let m = Some(Arc::new(m));
+        if name == "output.weight" {
+            packed.output = m;
+        } else if let Some((layer, role)) = name
+            .strip_prefix("blk.")
+            .and_then(|r| r.split_once('.'))
+            .and_then(|(l, role)| Some((l.parse::<usize>().ok()?, role)))
+        {
+            let slot = &mut packed.layers[layer];
+            match role {
+                "attn_q.weight" => slot.wq = m,
+                "attn_k.weight" => slot.wk = m,
+                "attn_v.weight" => slot.wv = m,
+                "attn_output.weight" => slot.wo = m,
+                "ffn_gate.weight" => slot.w_gate = m,
+                "ffn_up.weight" => slot.w_up = m,
+                "ffn_down.weight" => slot.w_down = m,
+                _ => anyhow::bail!("internal: no role for packed tensor '{name}'"),
+            }
+        }
+        done += t.size;
+        progress(done, total);
+    }
+    Ok(packed)
+}
+
 /// Copies `tensors` (with their data offsets) from the map into one repack buffer, converting
 /// them, then releases the mapped pages they came from.
 fn repack_weights(
@@ -291,20 +468,13 @@ fn repack_weights(
     let weight_bytes: u64 = tensors.iter().map(|(t, _)| t.nbytes() as u64).sum();
     let mut done = 0u64;
     let data = &file.mmap[file.info.data_offset as usize..];
-    // SAFETY: sysconf has no preconditions.
-    let page = (unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).max(4096) as usize;
     for ((t, file_offset), &at) in tensors.iter().zip(&offsets) {
         buf.place(*t, at)?;
         let bytes = &data[*file_offset as usize..*file_offset as usize + t.nbytes()];
         t.write::<u8>(bytes);
         // The repacked copy replaces these pages: drop them from this process's memory right
         // away, so loading never holds two copies of the weights.
-        let begin = (bytes.as_ptr() as usize).next_multiple_of(page);
-        let end = (bytes.as_ptr() as usize + bytes.len()) / page * page;
-        if end > begin {
-            // SAFETY: the range lies inside the read-only map and is never read again.
-            unsafe { libc::madvise(begin as *mut libc::c_void, end - begin, libc::MADV_DONTNEED) };
-        }
+        release_pages(bytes);
         done += t.nbytes() as u64;
         progress(done, weight_bytes);
     }
