@@ -15,7 +15,7 @@
 //!   quantizes them into its own scratch; the C call has no barrier); [`quantize_part_raw`] for
 //!   a graph node whose threads quantize a batch together before the products.
 
-use super::{ffi, CacheLine, KernelError, KernelPath, KERNEL_ENV};
+use super::{ffi, KernelError, KernelPath, KERNEL_ENV};
 use crate::ggml::GgmlType;
 use std::ffi::c_int;
 use std::sync::OnceLock;
@@ -319,28 +319,58 @@ pub fn prefetch_distance() -> usize {
     unsafe { ffi::mk_mm_get_prefetch() }.max(0) as usize
 }
 
-/// Memory aligned to 64 bytes (what the kernels require of weights, activations and scratch).
+/// Zeroed memory aligned to 64 bytes (what the kernels want of weights, activations and
+/// scratch). Allocated zeroed by the allocator (for large sizes fresh pages, which cost nothing
+/// until written), not written element by element.
 struct Aligned {
-    lines: Vec<CacheLine>,
+    ptr: std::ptr::NonNull<u8>,
     len: usize,
 }
 
+// SAFETY: plain owned memory.
+unsafe impl Send for Aligned {}
+unsafe impl Sync for Aligned {}
+
 impl Aligned {
+    fn layout(len: usize) -> std::alloc::Layout {
+        std::alloc::Layout::from_size_align(len.max(1).next_multiple_of(64), 64)
+            .expect("size checked by the caller")
+    }
     fn zeroed(len: usize) -> Aligned {
-        Aligned {
-            lines: vec![CacheLine([0; 64]); len.div_ceil(64)],
-            len,
-        }
+        let layout = Self::layout(len);
+        // SAFETY: the layout has a non-zero size.
+        let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
+        let ptr =
+            std::ptr::NonNull::new(ptr).unwrap_or_else(|| std::alloc::handle_alloc_error(layout));
+        Aligned { ptr, len }
     }
     fn as_ptr(&self) -> *const u8 {
-        self.lines.as_ptr().cast()
+        self.ptr.as_ptr()
     }
     fn as_mut_ptr(&mut self) -> *mut u8 {
-        self.lines.as_mut_ptr().cast()
+        self.ptr.as_ptr()
     }
     fn bytes(&self) -> &[u8] {
-        // SAFETY: `len` <= 64 * lines.len() initialised bytes.
+        // SAFETY: `len` initialised (zeroed, then written) bytes.
         unsafe { std::slice::from_raw_parts(self.as_ptr(), self.len) }
+    }
+}
+
+impl Drop for Aligned {
+    fn drop(&mut self) {
+        // SAFETY: allocated in `zeroed` with this layout.
+        unsafe { std::alloc::dealloc(self.ptr.as_ptr(), Self::layout(self.len)) }
+    }
+}
+
+/// A pointer shared by threads that write disjoint parts of what it points to.
+struct SendPtr(*mut u8);
+// SAFETY: used only for disjoint writes (see its uses).
+unsafe impl Sync for SendPtr {}
+
+impl SendPtr {
+    fn get(&self) -> *mut u8 {
+        self.0
     }
 }
 
@@ -394,21 +424,40 @@ impl PackedMatrix {
         }
         let size = Self::packed_size(ty, n_rows, n_cols)?;
         let mut data = Aligned::zeroed(size);
-        let tiles = n_rows.div_ceil(TILE_ROWS) as i64;
-        // SAFETY: the source holds exactly the matrix, the destination its packed size, 64-byte
-        // aligned; the shape was checked.
-        let rc = unsafe {
-            ffi::mk_mm_pack(
-                ty.raw(),
-                n_rows as i64,
-                n_cols as i64,
-                gguf.as_ptr().cast(),
-                data.as_mut_ptr().cast(),
-                0,
-                tiles,
-            )
+        let tiles = n_rows.div_ceil(TILE_ROWS);
+        // Large matrices are converted by all cores, each a contiguous range of tiles.
+        let threads = std::thread::available_parallelism()
+            .map_or(1, |n| n.get())
+            .min(tiles.div_ceil(64))
+            .max(1);
+        let dst = SendPtr(data.as_mut_ptr());
+        let failed = std::sync::atomic::AtomicBool::new(false);
+        let part = |i: usize| {
+            // SAFETY: the source holds exactly the matrix, the destination its packed size; the
+            // shape was checked; the threads write disjoint tile ranges.
+            let rc = unsafe {
+                ffi::mk_mm_pack(
+                    ty.raw(),
+                    n_rows as i64,
+                    n_cols as i64,
+                    gguf.as_ptr().cast(),
+                    dst.get().cast(),
+                    (tiles * i / threads) as i64,
+                    (tiles * (i + 1) / threads) as i64,
+                )
+            };
+            if rc != 0 {
+                failed.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
         };
-        if rc != 0 {
+        std::thread::scope(|s| {
+            for i in 1..threads {
+                let part = &part;
+                s.spawn(move || part(i));
+            }
+            part(0);
+        });
+        if failed.into_inner() {
             return Err(KernelError::InvalidMatmul(format!(
                 "packing a {ty} matrix {n_rows}x{n_cols} failed"
             )));
