@@ -112,17 +112,26 @@ impl CustomOp for QuantizeOp {
     }
 }
 
-/// `y = W·x` with a native matrix kernel on a packed weight matrix, as a graph node. Argument:
-/// the output of a [`QuantizeOp`] over `x` (`rows` rows of the matrix's column count). Output:
-/// `[n_rows, rows]` f32.
+/// `y = W·x` with a native matrix kernel on a packed weight matrix, as a graph node. Its
+/// argument is either the output of a [`QuantizeOp`] over `x` ([`MatmulOp::new`], for big
+/// batches: quantized once by all threads), or `x` itself ([`MatmulOp::with_f32_input`], at
+/// most 8 rows: each thread quantizes it into its own scratch, which saves the quantization
+/// node and its barrier per input). Output: `[n_rows, rows]` f32.
 pub struct MatmulOp {
     matmul: Matmul,
     weights: Arc<PackedMatrix>,
     rows: usize,
+    /// Per-thread scratch for the f32 input (`None`: the input is quantized already).
+    scratch: Option<(Vec<super::CacheLine>, *mut u8, usize)>,
 }
 
+// SAFETY: the scratch is written by the op's threads in disjoint parts (the kernel's contract);
+// everything else is read-only.
+unsafe impl Send for MatmulOp {}
+unsafe impl Sync for MatmulOp {}
+
 impl MatmulOp {
-    /// The product of `weights` with `rows` activation rows.
+    /// The product of `weights` with `rows` activation rows quantized by a [`QuantizeOp`].
     pub fn new(
         matmul: Matmul,
         weights: Arc<PackedMatrix>,
@@ -133,6 +142,32 @@ impl MatmulOp {
             matmul,
             weights,
             rows,
+            scratch: None,
+        })
+    }
+
+    /// The product of `weights` with `rows` (at most 8) f32 activation rows, which each of the
+    /// `n_threads` threads computing the graph quantizes itself.
+    pub fn with_f32_input(
+        matmul: Matmul,
+        weights: Arc<PackedMatrix>,
+        rows: usize,
+        n_threads: usize,
+    ) -> Result<MatmulOp, KernelError> {
+        if rows > super::matmul::MAX_ROWS || n_threads == 0 {
+            return Err(KernelError::InvalidMatmul(format!(
+                "per-thread quantization takes 1..={} rows and at least one thread",
+                super::matmul::MAX_ROWS
+            )));
+        }
+        let bytes = super::matmul::quantized_acts_bytes(rows, weights.n_cols())? * n_threads;
+        let mut lines = vec![super::CacheLine([0; 64]); bytes.div_ceil(64)];
+        let ptr = lines.as_mut_ptr().cast::<u8>();
+        Ok(MatmulOp {
+            matmul,
+            weights,
+            rows,
+            scratch: Some((lines, ptr, bytes)),
         })
     }
 }
@@ -144,7 +179,7 @@ impl CustomOp for MatmulOp {
             (dst.ne[0] as usize, dst.ne[1] as usize),
             (w.n_rows(), self.rows)
         );
-        let p = RawMatmulParams {
+        let mut p = RawMatmulParams {
             wtype: w.ty().ggml().id() as i32,
             nr: self.rows as i32,
             n_rows: w.n_rows() as i64,
@@ -152,16 +187,36 @@ impl CustomOp for MatmulOp {
             w: w.as_ptr().cast(),
             x: std::ptr::null(),
             x_stride: w.n_cols() as i64,
-            xq: srcs[0].data,
+            xq: std::ptr::null(),
             y: dst.data as *mut f32,
             y_stride: (dst.nb[1] / 4) as i64,
             scratch: std::ptr::null_mut(),
             scratch_bytes: 0,
         };
+        match &self.scratch {
+            None => p.xq = srcs[0].data,
+            Some((_, ptr, bytes)) => {
+                let x = srcs[0];
+                debug_assert_eq!((x.ne[0] as usize, x.nb[0]), (w.n_cols(), 4));
+                p.x = x.data as *const f32;
+                p.x_stride = (x.nb[1] / 4) as i64;
+                p.scratch = (*ptr).cast();
+                p.scratch_bytes = *bytes;
+            }
+        }
         // SAFETY: the packed matrix lives as long as this op; the argument holds the rows
-        // quantized by a QuantizeOp of the same shape (checked when the graph was built), the
-        // output is `[n_rows, rows]` f32; threads write disjoint output rows.
+        // (quantized by a QuantizeOp of the same shape, or f32 with the checked row stride),
+        // the output is `[n_rows, rows]` f32, the scratch was sized for the graph's thread
+        // count (the C side checks it against nth); threads write disjoint output rows and
+        // their own parts of the scratch.
         let rc = unsafe { self.matmul.run_raw(&p, ith as i32, nth as i32) };
-        debug_assert_eq!(rc, 0);
+        if rc != 0 && ith == 0 {
+            // Cannot happen with the graph's own thread count; make it visible, not silent.
+            log::error!("native matrix product rejected its parameters ({nth} threads)");
+            let n = (dst.nb[1] / 4) * self.rows;
+            // SAFETY: the output holds `rows` rows of nb[1] bytes; every thread failed alike,
+            // so no other thread writes it.
+            unsafe { std::slice::from_raw_parts_mut(dst.data as *mut f32, n) }.fill(f32::NAN);
+        }
     }
 }

@@ -98,11 +98,13 @@ pub fn graph_size(hp: &HParams, n_seqs: usize) -> usize {
     64 + hp.n_layer * (40 + 24 * n_seqs)
 }
 
-/// Matrix products of one step: through the native kernels for packed matrices (one
-/// quantization node per input, shared by the products that read it), else ggml's `mul_mat`.
+/// Matrix products of one step: through the native kernels for packed matrices (for more than
+/// 8 rows one quantization node per input, shared by the products that read it; for up to 8
+/// each product's threads quantize them), else ggml's `mul_mat`.
 struct Products<'g> {
     ctx: &'g Context,
     matmul: Option<Matmul>,
+    n_threads: usize,
 }
 
 impl<'g> Products<'g> {
@@ -129,6 +131,16 @@ impl<'g> Products<'g> {
             return ctx.mul_mat(w, x);
         };
         let rows = ne[1] as usize;
+        if rows <= kernels::matmul::MAX_ROWS {
+            // Decode and small batches: every thread quantizes the few rows itself (no
+            // quantization node, one barrier less per input).
+            let op = MatmulOp::with_f32_input(m, p.clone(), rows, self.n_threads)
+                .expect("activation shape of a packed matrix");
+            let (y, handle) =
+                ctx.custom_op([p.n_rows() as i64, rows as i64, 1, 1], &[x], Box::new(op));
+            ops.push(handle);
+            return y;
+        }
         let q = match *xq {
             Some(q) => q,
             None => {
@@ -164,7 +176,11 @@ pub fn build_step<'g>(
         n_threads,
         matmul,
     } = compute;
-    let products = Products { ctx, matmul };
+    let products = Products {
+        ctx,
+        matmul,
+        n_threads,
+    };
     let no_pack = super::weights::PackedLayer::default();
     let n = n_tokens as i64;
     let (hd, n_head, n_head_kv) = (hp.head_dim as i64, hp.n_head as i64, hp.n_head_kv as i64);
