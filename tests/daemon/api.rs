@@ -331,7 +331,8 @@ fn sigterm_during_generation_ends_streams_with_an_error_and_exits_cleanly() {
         block_on(stream_events(
             &socket,
             "/v1/completions",
-            &json!({"prompt": "Never", "max_tokens": 30000, "stream": true}).to_string(),
+            &json!({"prompt": "Never", "max_tokens": 30000, "ignore_eos": true, "stream": true})
+                .to_string(),
             usize::MAX,
         ))
     });
