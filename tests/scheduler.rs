@@ -228,7 +228,11 @@ fn a_long_prompt_holds_running_streams_up_for_at_most_one_chunk() {
         &log,
         1,
         tok.encode_prompt("Never").unwrap(),
-        greedy(200),
+        // Runs past any EOS, so it is still decoding for the whole prefill.
+        GenerationParams {
+            ignore_eos: true,
+            ..greedy(200)
+        },
     )
     .unwrap();
     // Let the first stream start decoding.
