@@ -320,30 +320,86 @@ pub fn prefetch_distance() -> usize {
 }
 
 /// Zeroed memory aligned to 64 bytes (what the kernels want of weights, activations and
-/// scratch). Allocated zeroed by the allocator (for large sizes fresh pages, which cost nothing
-/// until written), not written element by element.
+/// scratch). Large buffers (the packed matrices) are anonymous mappings aligned to 2 MiB and
+/// marked for transparent huge pages (`MADV_HUGEPAGE`: where THP is `madvise`-only, as on many
+/// distributions, streaming gigabytes of weights through 4 KiB pages costs a TLB miss every
+/// 4 KiB); their pages are zero until written. Small ones come from the allocator.
 struct Aligned {
     ptr: std::ptr::NonNull<u8>,
     len: usize,
+    /// Bytes mapped (0: allocated from the heap).
+    mapped: usize,
 }
 
 // SAFETY: plain owned memory.
 unsafe impl Send for Aligned {}
 unsafe impl Sync for Aligned {}
 
+/// Buffers at least this large are mapped with huge pages.
+const HUGE_MIN: usize = 4 << 20;
+const HUGE_PAGE: usize = 2 << 20;
+
 impl Aligned {
     fn layout(len: usize) -> std::alloc::Layout {
         std::alloc::Layout::from_size_align(len.max(1).next_multiple_of(64), 64)
             .expect("size checked by the caller")
     }
+
     fn zeroed(len: usize) -> Aligned {
+        if len >= HUGE_MIN {
+            if let Some(a) = Self::mapped(len) {
+                return a;
+            }
+        }
         let layout = Self::layout(len);
         // SAFETY: the layout has a non-zero size.
         let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
         let ptr =
             std::ptr::NonNull::new(ptr).unwrap_or_else(|| std::alloc::handle_alloc_error(layout));
-        Aligned { ptr, len }
+        Aligned {
+            ptr,
+            len,
+            mapped: 0,
+        }
     }
+
+    /// An anonymous mapping of `len` bytes starting on a 2 MiB boundary, marked for huge pages.
+    fn mapped(len: usize) -> Option<Aligned> {
+        let size = len.next_multiple_of(HUGE_PAGE);
+        let span = size + HUGE_PAGE;
+        // SAFETY: a fresh private anonymous mapping; the parts outside the aligned range are
+        // unmapped again at once, the rest is owned by the returned value.
+        unsafe {
+            let p = libc::mmap(
+                std::ptr::null_mut(),
+                span,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            );
+            if p == libc::MAP_FAILED {
+                return None;
+            }
+            let base = p as usize;
+            let start = base.next_multiple_of(HUGE_PAGE);
+            if start > base {
+                libc::munmap(p, start - base);
+            }
+            let tail = base + span - (start + size);
+            if tail > 0 {
+                libc::munmap((start + size) as *mut libc::c_void, tail);
+            }
+            // Only a hint: without THP the mapping works with small pages.
+            libc::madvise(start as *mut libc::c_void, size, libc::MADV_HUGEPAGE);
+            Some(Aligned {
+                ptr: std::ptr::NonNull::new(start as *mut u8)?,
+                len,
+                mapped: size,
+            })
+        }
+    }
+
     fn as_ptr(&self) -> *const u8 {
         self.ptr.as_ptr()
     }
@@ -358,8 +414,13 @@ impl Aligned {
 
 impl Drop for Aligned {
     fn drop(&mut self) {
-        // SAFETY: allocated in `zeroed` with this layout.
-        unsafe { std::alloc::dealloc(self.ptr.as_ptr(), Self::layout(self.len)) }
+        if self.mapped > 0 {
+            // SAFETY: the mapping made in `mapped`, of this size.
+            unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.mapped) };
+        } else {
+            // SAFETY: allocated in `zeroed` with this layout.
+            unsafe { std::alloc::dealloc(self.ptr.as_ptr(), Self::layout(self.len)) }
+        }
     }
 }
 

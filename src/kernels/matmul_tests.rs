@@ -700,3 +700,28 @@ fn path_selection() {
     let cur = unsafe { super::ffi::mk_mm_current_path() };
     assert_eq!(cur as u32, sel.path() as u32);
 }
+
+#[test]
+fn large_matrices_live_in_huge_page_mappings_with_the_same_results() {
+    // 1024 x 4096 Q8_0 (4.5 MB) is packed into a 2 MiB-aligned anonymous mapping; its first
+    // 16 rows must give exactly what a small (heap) matrix of those rows gives.
+    let (n, k, ty) = (1024, 4096, WeightType::Q8_0);
+    let gguf = make_weights(ty, n, k, 21);
+    let big = PackedMatrix::pack(ty, n, k, &gguf).unwrap();
+    assert_eq!(
+        big.as_ptr() as usize % (2 << 20),
+        0,
+        "not in a huge-page mapping"
+    );
+    let row_bytes = ty.gguf_bytes(1, k).unwrap();
+    let small = PackedMatrix::pack(ty, 16, k, &gguf[..16 * row_bytes]).unwrap();
+    let x = make_acts(3, k, 2);
+    let m = Matmul::selected().unwrap();
+    let mut yb = vec![0f32; 3 * n];
+    let mut ys = vec![0f32; 3 * 16];
+    m.run(&big, &x, &mut yb, 2).unwrap();
+    m.run(&small, &x, &mut ys, 1).unwrap();
+    for r in 0..3 {
+        assert_eq!(&yb[r * n..r * n + 16], &ys[r * 16..r * 16 + 16], "row {r}");
+    }
+}
