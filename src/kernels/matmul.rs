@@ -733,9 +733,9 @@ impl Matmul {
     /// # Safety
     /// `p` must satisfy the contract of `mistrald_kernels.h`: `w` a packed matrix of the stated
     /// type and shape, `x` (or `xq`) and `y` valid for the rows and strides, `scratch` (when `xq`
-    /// is null) at least `mk_mm_scratch_size(p, nth)` bytes, 64-byte aligned and used by no one
-    /// else during the call except the other threads of the same call; `y` not accessed by
-    /// anyone else meanwhile.
+    /// is null) at least `mk_mm_scratch_size(p, nth)` bytes (64-byte alignment recommended),
+    /// used by no one else during the call except the other threads of the same call; `y` not
+    /// accessed by anyone else meanwhile.
     pub unsafe fn run_raw(&self, p: *const RawMatmulParams, ith: i32, nth: i32) -> i32 {
         (self.entry)(p, ith, nth)
     }

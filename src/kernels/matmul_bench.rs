@@ -1,5 +1,6 @@
 //! `mistrald bench-matmul`: the matrix-vector kernels on Mistral 7B's layer shapes (4096×4096
-//! Wq/Wo, 1024×4096 Wk/Wv, 14336×4096 gate/up, 4096×14336 down) for 1 to 8 activation rows,
+//! Wq/Wo, 1024×4096 Wk/Wv, 14336×4096 gate/up, 4096×14336 down) for any number of activation
+//! rows (default 1, 2, 4, 8: decode and the small batches of continuous batching),
 //! every available path against ggml's `mul_mat` on the same weights, both with the weight in
 //! place (ggml's own block layout, `--no-repack`) and converted into ggml's interleaved
 //! repack layout (what the engine uses by default), 1 and 2 threads.
@@ -23,7 +24,7 @@ pub struct MatmulBenchOptions {
     pub shapes: Vec<(usize, usize)>,
     /// Weight types.
     pub types: Vec<WeightType>,
-    /// Activation rows per call (1..=8).
+    /// Activation rows per call (1..=[`MAX_BATCH`]).
     pub rows: Vec<usize>,
     /// Thread counts.
     pub threads: Vec<usize>,

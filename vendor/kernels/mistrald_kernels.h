@@ -233,7 +233,7 @@ size_t mk_mm_packed_size(int wtype, int64_t n_rows, int64_t n_cols);
 
 /* Converts tiles [tile_begin, tile_end) of the matrix: src is the whole GGUF
  * matrix (n_rows rows of n_cols/blocksize blocks, contiguous), dst the whole
- * packed buffer (mk_mm_packed_size bytes, 64-byte aligned; tile t is written
+ * packed buffer (mk_mm_packed_size bytes, 64-byte alignment recommended; tile t is written
  * at t * mk_mm_tile_bytes). Disjoint tile ranges may be packed by different
  * threads at once. Returns 0, or -1 (nothing written) if an argument is
  * invalid. Reads the source in address order, once. */
