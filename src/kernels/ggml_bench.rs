@@ -2,7 +2,7 @@
 //! same decode attention (Mistral 7B shapes) over the same kind of cache, on ggml's CPU backend.
 
 use super::KvType;
-use crate::ggml::{Context, Tensor};
+use crate::ggml::{Context, Graph, Tensor};
 use crate::ggml::{CpuBackend, GgmlType, GraphAllocator};
 use std::time::{Duration, Instant};
 
@@ -65,18 +65,29 @@ pub fn ggml_flash_attn_micros(
         let out = ctx.flash_attn(qp, heads(k), heads(v), mask, 1.0 / (HEAD_DIM as f32).sqrt());
         graph.expand(out);
     }
+    let samples = time_graph(&backend, &graph, min_time)?;
+    Ok(samples[samples.len() / 2] / layers as f64)
+}
+
+/// Allocates `graph`, computes it once to warm up, then times whole computations for at least
+/// `min_time` (and at least 5): the samples in microseconds, sorted ascending.
+pub(crate) fn time_graph(
+    backend: &CpuBackend,
+    graph: &Graph<'_>,
+    min_time: Duration,
+) -> anyhow::Result<Vec<f64>> {
     let mut alloc = GraphAllocator::new()?;
-    alloc.alloc(&graph)?;
-    backend.compute(&graph)?; // warm-up
+    alloc.alloc(graph)?;
+    backend.compute(graph)?; // warm-up
     let mut samples = Vec::new();
     let start = Instant::now();
     while start.elapsed() < min_time || samples.len() < 5 {
         let t = Instant::now();
-        backend.compute(&graph)?;
+        backend.compute(graph)?;
         samples.push(t.elapsed().as_secs_f64() * 1e6);
     }
     samples.sort_by(f64::total_cmp);
-    Ok(samples[samples.len() / 2] / layers as f64)
+    Ok(samples)
 }
 
 /// Fills a cache tensor with small deterministic values, quantized to its type.

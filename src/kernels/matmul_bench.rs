@@ -13,9 +13,10 @@
 //! Q4_K/Q6_K).
 
 use super::bench::time_parallel;
+use super::ggml_bench::time_graph;
 use super::matmul::{Matmul, MatmulPath, PackedMatrix, RawMatmulParams, WeightType, MAX_BATCH};
-use crate::ggml::{Context, CpuBackend, GgmlType, GraphAllocator, RepackBufferType, Tensor};
-use std::time::{Duration, Instant};
+use crate::ggml::{Context, CpuBackend, GgmlType, RepackBufferType, Tensor};
+use std::time::Duration;
 
 /// What to measure.
 #[derive(Debug, Clone)]
@@ -354,18 +355,13 @@ fn time_ggml(
             for i in 0..nodes {
                 graph.expand(ctx.mul_mat(ws[i % copies], x));
             }
-            let mut alloc = GraphAllocator::new()?;
-            alloc.alloc(&graph)?;
-            backend.compute(&graph)?; // warm-up
-            let mut samples = Vec::new();
-            let start = Instant::now();
-            while start.elapsed() < min_time || samples.len() < 5 {
-                let t = Instant::now();
-                backend.compute(&graph)?;
-                samples.push(t.elapsed().as_secs_f64() * 1e6 / nodes as f64);
-            }
-            samples.sort_by(f64::total_cmp);
-            out.push((rows, threads, (samples[samples.len() / 2], samples[0])));
+            let samples = time_graph(&backend, &graph, min_time)?;
+            let per_node = |us: f64| us / nodes as f64;
+            out.push((
+                rows,
+                threads,
+                (per_node(samples[samples.len() / 2]), per_node(samples[0])),
+            ));
         }
     }
     Ok(out)
