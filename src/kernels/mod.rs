@@ -20,6 +20,8 @@ pub mod matmul_bench;
 #[cfg(test)]
 mod matmul_tests;
 #[cfg(test)]
+mod test_rng;
+#[cfg(test)]
 mod tests;
 
 use std::ffi::c_int;

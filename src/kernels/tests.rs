@@ -20,25 +20,11 @@
 //! Cache slots that do not hold history (and padding between heads/slots)
 //! are filled with NaN, so reading any wrong slot poisons the output.
 
+use super::test_rng::Rng;
 use super::*;
 
 const TOL_REF: f64 = 1e-5;
 const TOL_PATH: f64 = 1e-5;
-
-/// xorshift64* generator: deterministic test data without dependencies.
-struct Rng(u64);
-impl Rng {
-    fn next_u64(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    /// Uniform in [-1, 1).
-    fn f32(&mut self) -> f32 {
-        ((self.next_u64() >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-    }
-}
 
 /// f32 -> IEEE half bits, round to nearest even (test data only).
 fn f32_to_f16(x: f32) -> u16 {
@@ -169,7 +155,7 @@ fn as_bytes(v: &[u64], len: usize) -> &[u8] {
 
 fn make_data(c: &Case) -> Data {
     let p = &c.p;
-    let mut rng = Rng(c.seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
+    let mut rng = Rng::new(c.seed);
     let d = p.head_dim;
     let bytes = p.cache_bytes();
     // 0xff everywhere: NaN as f32, f16 and as a Q8_0 scale.
