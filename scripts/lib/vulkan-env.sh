@@ -1,0 +1,82 @@
+# shellcheck shell=bash
+# The Vulkan build environment, sourced by scripts/build-vulkan (bash; expects
+# to be run from the repository root).
+#
+# Installs what it needs, idempotently:
+#   glslc                 (ggml compiles its compute shaders to SPIR-V at build time)
+#   libvulkan1            (the Vulkan loader, linked as -lvulkan)
+#   mesa-vulkan-drivers   (Mesa's drivers: lavapipe, the CPU software driver that
+#                          CI runs on, and v3dv for the Raspberry Pi 5's GPU)
+#   vulkan-tools          (vulkaninfo, to see which devices the loader finds)
+#   cmake, a C/C++ compiler, libclang (ggml's build and bindgen, as scripts/install-deps)
+# and the Vulkan and SPIR-V headers from Debian 13 (trixie) in a private prefix,
+# target/vulkan-sdk/: Debian 12's headers (1.3.239) are too old for the ggml in
+# llama-cpp-sys-2 0.1.161 (it uses vk::LayerSettingEXT). The two header
+# packages, libvulkan-dev and spirv-headers, are fetched with `apt-get download`
+# through a private sources list and lists directory under that prefix (the
+# system's apt sources and state are not touched) and unpacked with `dpkg -x`;
+# no trixie package is installed. Debian 12's loader and glslc work with them.
+#
+# Then exports:
+#   VULKAN_SDK  the prefix's usr/, which everything looks at: CMake's FindVulkan
+#               takes the headers from $VULKAN_SDK/include and the loader from
+#               $VULKAN_SDK/lib, ggml's CMake looks for SPIRV-HeadersConfig.cmake
+#               under it, and llama-cpp-sys-2 adds $VULKAN_SDK/lib to the link
+#               path for -lvulkan. $VULKAN_SDK/lib/libvulkan.so is a link to the
+#               system's libvulkan.so.1 (the development link that libvulkan-dev
+#               would provide), so no Debian 12 libvulkan-dev, with its old
+#               headers, is needed or used.
+#   GGML_VK_VISIBLE_DEVICES=0
+#               ggml skips CPU-type Vulkan devices such as lavapipe unless they
+#               are named here; on a machine without a GPU, lavapipe is device 0.
+#               Only set if unset, so a machine with a GPU can pick its own.
+
+VULKAN_SDK_PREFIX="$PWD/target/vulkan-sdk"
+# The suite and mirror the headers come from; the packages are recorded in
+# $VULKAN_SDK_PREFIX/debs/.
+VULKAN_SDK_SUITE=trixie
+VULKAN_SDK_MIRROR=http://deb.debian.org/debian
+
+vulkan_need_pkgs=()
+for pkg in glslc libvulkan1 mesa-vulkan-drivers vulkan-tools debian-archive-keyring cmake build-essential clang libclang-dev; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || vulkan_need_pkgs+=("$pkg")
+done
+if [ ${#vulkan_need_pkgs[@]} -gt 0 ]; then
+    vulkan_sudo=""
+    [ "$(id -u)" -eq 0 ] || vulkan_sudo="sudo"
+    echo "vulkan-env: installing ${vulkan_need_pkgs[*]}" >&2
+    $vulkan_sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $vulkan_sudo apt-get install -y -qq "${vulkan_need_pkgs[@]}" >/dev/null
+fi
+
+# The trixie headers, fetched once: the stamp is written after a complete unpack.
+if [ ! -f "$VULKAN_SDK_PREFIX/.unpacked" ]; then
+    echo "vulkan-env: fetching libvulkan-dev and spirv-headers from $VULKAN_SDK_SUITE into $VULKAN_SDK_PREFIX" >&2
+    rm -rf "$VULKAN_SDK_PREFIX"
+    mkdir -p "$VULKAN_SDK_PREFIX/apt/lists/partial" "$VULKAN_SDK_PREFIX/apt/cache/archives/partial" "$VULKAN_SDK_PREFIX/debs"
+    echo "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] $VULKAN_SDK_MIRROR $VULKAN_SDK_SUITE main" \
+        >"$VULKAN_SDK_PREFIX/apt/sources.list"
+    # Only this sources list, lists and caches under the prefix; the system's
+    # apt.conf.d (proxies) still applies. Not sandboxed as _apt: the files go
+    # to a directory of the invoking user's.
+    vulkan_apt=(apt-get -qq
+        -o Dir::Etc::SourceList="$VULKAN_SDK_PREFIX/apt/sources.list"
+        -o Dir::Etc::SourceParts=/dev/null
+        -o Dir::State::Lists="$VULKAN_SDK_PREFIX/apt/lists"
+        -o Dir::Cache="$VULKAN_SDK_PREFIX/apt/cache"
+        -o APT::Sandbox::User="$(id -un)")
+    "${vulkan_apt[@]}" update
+    (cd "$VULKAN_SDK_PREFIX/debs" && "${vulkan_apt[@]}" download libvulkan-dev spirv-headers)
+    for deb in "$VULKAN_SDK_PREFIX"/debs/*.deb; do
+        dpkg -x "$deb" "$VULKAN_SDK_PREFIX"
+    done
+    # The loader's development link, to the system's (Debian 12) loader; the
+    # package's own libvulkan.so, under usr/lib/<multiarch>/, is a relative
+    # link that dangles here.
+    ln -sfn "/usr/lib/$(gcc -print-multiarch)/libvulkan.so.1" "$VULKAN_SDK_PREFIX/usr/lib/libvulkan.so"
+    rm -rf "$VULKAN_SDK_PREFIX/apt/lists" "$VULKAN_SDK_PREFIX/apt/cache"
+    touch "$VULKAN_SDK_PREFIX/.unpacked"
+fi
+
+export VULKAN_SDK="$VULKAN_SDK_PREFIX/usr"
+export GGML_VK_VISIBLE_DEVICES="${GGML_VK_VISIBLE_DEVICES:-0}"
