@@ -7,6 +7,7 @@ use crate::generation::{generate, GenerationParams};
 use crate::ggml::GgmlType;
 use crate::kv_cache::KvType;
 use crate::model::bundled::resolve_model;
+use crate::model::offload::{GpuLayers, GpuRequest};
 use crate::model::synthetic::{write_synthetic_model, SyntheticSpec};
 use crate::model::{LoadOptions, MappedGguf};
 use crate::sampler::SamplerConfig;
@@ -160,6 +161,14 @@ struct ModelArgs {
     /// converted into their layout at load time) or ggml (mul_mat for every matrix).
     #[arg(long, default_value = "native")]
     matmul: MatmulChoice,
+    /// Transformer blocks to offload to a GPU (vulkan or cuda builds): N (the last N; 0 = CPU
+    /// only), all, or auto = as many as fit (default: MISTRALD_GPU_LAYERS, else auto).
+    #[arg(long, value_name = "N")]
+    gpu_layers: Option<GpuLayers>,
+    /// The GPU to offload to, by name (Vulkan0, CUDA0) or description (default:
+    /// MISTRALD_DEVICE, else the first GPU).
+    #[arg(long, value_name = "NAME")]
+    device: Option<String>,
 }
 
 impl ModelArgs {
@@ -189,11 +198,19 @@ impl ModelArgs {
     }
 
     fn load(&self) -> anyhow::Result<(Engine, Tokenizer)> {
+        let mut gpu = GpuRequest::from_env()?;
+        if let Some(layers) = self.gpu_layers {
+            gpu.layers = layers;
+        }
+        if let Some(device) = &self.device {
+            gpu.device = Some(device.clone());
+        }
         crate::engine::open(
             &self.path()?,
             LoadOptions {
                 repack: !self.no_repack,
                 native_matmul: self.matmul.native(),
+                gpu,
             },
             self.config(),
         )
@@ -646,6 +663,23 @@ fn cmd_info(a: InfoArgs) -> anyhow::Result<()> {
         }
     );
     println!("threads:         {}", engine.config().n_threads);
+    let gpus = crate::ggml::Device::gpus();
+    if gpus.is_empty() {
+        println!(
+            "GPUs:            none ({})",
+            crate::ggml::device::no_gpu_reason()
+        );
+    }
+    for d in gpus {
+        println!("GPU:             {}", d.summary());
+    }
+    println!(
+        "offload:         {}",
+        engine
+            .gpu_usage()
+            .map_or("none, the CPU runs every block".to_string(), |g| g
+                .describe(engine.hparams().n_layer))
+    );
     Ok(())
 }
 

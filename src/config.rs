@@ -42,6 +42,7 @@ use toml::Spanned;
 
 use crate::engine::{AttentionChoice, EngineConfig, MatmulChoice};
 use crate::kv_cache::KvType;
+use crate::model::offload::{GpuLayers, GpuRequest};
 use crate::model::LoadOptions;
 use crate::plugins::{LoadError, PluginConfig, PluginsConfig};
 
@@ -137,6 +138,12 @@ pub struct ModelConfig {
     /// Matrix-product implementation.
     #[serde(with = "matmul_serde")]
     pub matmul: MatmulChoice,
+    /// Transformer blocks to offload to a GPU.
+    #[serde(with = "gpu_layers_serde")]
+    pub gpu_layers: GpuLayers,
+    /// The GPU to offload to; `None`: the first.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub device: Option<String>,
 }
 
 impl Default for ModelConfig {
@@ -151,6 +158,8 @@ impl Default for ModelConfig {
             attention: AttentionChoice::Native,
             repack: true,
             matmul: MatmulChoice::Native,
+            gpu_layers: GpuLayers::Auto,
+            device: None,
         }
     }
 }
@@ -460,6 +469,33 @@ mod kv_type_serde {
         String::deserialize(deserializer)?
             .parse()
             .map_err(D::Error::custom)
+    }
+}
+
+/// `model.gpu_layers`: a number, or the strings "all" and "auto".
+mod gpu_layers_serde {
+    use super::*;
+
+    pub fn serialize<S: Serializer>(value: &GpuLayers, serializer: S) -> Result<S::Ok, S::Error> {
+        match value {
+            GpuLayers::Count(n) => serializer.serialize_u64(*n as u64),
+            other => serializer.serialize_str(&other.to_string()),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<GpuLayers, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Count(u64),
+            Name(String),
+        }
+        match Raw::deserialize(deserializer)
+            .map_err(|_| D::Error::custom("expected a number of layers, \"all\" or \"auto\""))?
+        {
+            Raw::Count(n) => Ok(GpuLayers::Count(n as usize)),
+            Raw::Name(s) => s.parse().map_err(D::Error::custom),
+        }
     }
 }
 
@@ -830,6 +866,30 @@ const OPTIONS: &[OptionDesc] = &[
               \"ggml\" (ggml's mul_mat for every matrix).",
         unset: None,
         flag: Some("--matmul"),
+        check: Check::Type,
+    },
+    OptionDesc {
+        section: "model",
+        key: "gpu_layers",
+        doc: "Transformer blocks to offload to a GPU (builds with the vulkan or cuda feature): \
+              a number (the last N blocks; 0 = CPU only), \"all\" (every block and the \
+              output head; an error without a GPU) or \"auto\" (as many as fit in the GPU's \
+              free memory with the KV caches of `server.parallel` sequences; none without a \
+              GPU).",
+        unset: None,
+        flag: Some("--gpu-layers"),
+        check: Check::Type,
+    },
+    OptionDesc {
+        section: "model",
+        key: "device",
+        doc: "The GPU to offload to, by ggml's name (\"Vulkan0\", \"CUDA0\") or its \
+              description, as `mistrald info` lists them.",
+        unset: Some(Unset {
+            meaning: "the first GPU",
+            example: "\"Vulkan0\"",
+        }),
+        flag: Some("--device"),
         check: Check::Type,
     },
     // [server]
@@ -1265,6 +1325,14 @@ impl ServeConfig {
             self.model.matmul = matmul;
             given.push("model.matmul");
         }
+        if let Some(layers) = flags.gpu_layers {
+            self.model.gpu_layers = layers;
+            given.push("model.gpu_layers");
+        }
+        if let Some(device) = &flags.device {
+            self.model.device = Some(device.clone());
+            given.push("model.device");
+        }
         if let Some(socket) = &flags.socket {
             self.server.socket = Some(socket.clone());
             given.push("server.socket");
@@ -1367,6 +1435,11 @@ impl ServeConfig {
         LoadOptions {
             repack: self.model.repack,
             native_matmul: self.model.matmul.native(),
+            gpu: GpuRequest {
+                layers: self.model.gpu_layers,
+                device: self.model.device.clone(),
+                kv_bytes_per_layer: 0,
+            },
         }
     }
 }
@@ -1650,6 +1723,12 @@ pub struct ServeFlags {
     /// Matrix products: native or ggml (model.matmul).
     #[arg(long, value_name = "M")]
     pub matmul: Option<MatmulChoice>,
+    /// Transformer blocks to offload to a GPU: N, all or auto (model.gpu_layers).
+    #[arg(long, value_name = "N")]
+    pub gpu_layers: Option<GpuLayers>,
+    /// The GPU to offload to, e.g. Vulkan0 or CUDA0 (model.device).
+    #[arg(long, value_name = "NAME")]
+    pub device: Option<String>,
 }
 
 // ------------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@
 //! *before* writing to it (when writing would overwrite history the chunk's earlier queries
 //! still need).
 
-use crate::ggml::{BackendBuffer, Context, CpuBackend, GgmlType, Tensor};
+use crate::ggml::{BackendBuffer, BufferType, Context, GgmlType, Tensor};
 
 /// Element type of the cache.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -161,6 +161,31 @@ pub enum KvError {
     ChunkTooLarge(usize, usize),
 }
 
+/// Where a cache's layers live: all in CPU memory, or the layers from `first_gpu_layer` on in a
+/// GPU's memory (the layers that GPU computes).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KvPlacement {
+    /// The GPU memory for the offloaded layers (`None`: every layer on the CPU).
+    pub gpu: Option<BufferType>,
+    /// The first layer in GPU memory (ignored without `gpu`).
+    pub first_gpu_layer: usize,
+}
+
+impl KvPlacement {
+    /// Every layer in CPU memory.
+    pub fn cpu() -> KvPlacement {
+        KvPlacement {
+            gpu: None,
+            first_gpu_layer: usize::MAX,
+        }
+    }
+
+    /// Whether layer `l` lives in GPU memory.
+    pub fn on_gpu(&self, l: usize) -> bool {
+        self.gpu.is_some() && l >= self.first_gpu_layer
+    }
+}
+
 /// The KV cache of one sequence: per-layer key and value rings plus the number of positions
 /// processed so far.
 pub struct KvCache {
@@ -168,13 +193,14 @@ pub struct KvCache {
     keys: Vec<Tensor<'static>>,
     values: Vec<Tensor<'static>>,
     n_past: u64,
-    _buffer: BackendBuffer,
-    _ctx: Context,
+    gpu_bytes: usize,
+    _buffers: Vec<BackendBuffer>,
+    _ctxs: Vec<Context>,
 }
 
 impl KvCache {
-    /// Allocates a zeroed cache of `shape` on `backend`.
-    pub fn new(shape: KvShape, backend: &CpuBackend) -> anyhow::Result<KvCache> {
+    /// Allocates a zeroed cache of `shape`, each layer where `placement` says.
+    pub fn new(shape: KvShape, placement: &KvPlacement) -> anyhow::Result<KvCache> {
         anyhow::ensure!(shape.n_slots > 0, "KV cache needs at least one slot");
         anyhow::ensure!(
             shape
@@ -186,15 +212,25 @@ impl KvCache {
             shape.kv_type,
             shape.kv_type.ggml().block_size()
         );
-        let ctx = Context::new(
-            (2 * shape.n_layer + 1) * crate::ggml::tensor_overhead(),
-            true,
-        )?;
+        // One context (and buffer) for the CPU's layers, one for the GPU's.
+        let n_gpu = (0..shape.n_layer).filter(|&l| placement.on_gpu(l)).count();
+        let (cpu_ctx, gpu_ctx) = (
+            Context::new(
+                (2 * (shape.n_layer - n_gpu) + 1) * crate::ggml::tensor_overhead(),
+                true,
+            )?,
+            Context::new((2 * n_gpu + 1) * crate::ggml::tensor_overhead(), true)?,
+        );
         let mut keys = Vec::with_capacity(shape.n_layer);
         let mut values = Vec::with_capacity(shape.n_layer);
         let ne = [shape.row_elems() as i64, shape.n_slots as i64];
         for l in 0..shape.n_layer {
-            // SAFETY: `ctx` lives in the returned cache as long as the handles.
+            let ctx = if placement.on_gpu(l) {
+                &gpu_ctx
+            } else {
+                &cpu_ctx
+            };
+            // SAFETY: the contexts live in the returned cache as long as the handles.
             keys.push(unsafe {
                 ctx.new_tensor(shape.kv_type.ggml(), &ne)
                     .set_name(&format!("cache_k_l{l}"))
@@ -206,15 +242,32 @@ impl KvCache {
                     .detach()
             });
         }
-        let buffer = backend.alloc_context_tensors(&ctx)?;
+        let mut buffers = Vec::new();
+        if n_gpu < shape.n_layer {
+            buffers.push(BufferType::cpu().alloc_context_tensors(&cpu_ctx)?);
+        }
+        let mut gpu_bytes = 0;
+        if let (Some(gpu), true) = (placement.gpu, n_gpu > 0) {
+            let b = gpu.alloc_context_tensors(&gpu_ctx).map_err(|e| {
+                anyhow::anyhow!("{e} for a sequence's KV cache (offload fewer layers)")
+            })?;
+            gpu_bytes = b.size();
+            buffers.push(b);
+        }
         Ok(KvCache {
             shape,
             keys,
             values,
             n_past: 0,
-            _buffer: buffer,
-            _ctx: ctx,
+            gpu_bytes,
+            _buffers: buffers,
+            _ctxs: vec![cpu_ctx, gpu_ctx],
         })
+    }
+
+    /// Bytes of this cache in GPU memory.
+    pub fn gpu_bytes(&self) -> usize {
+        self.gpu_bytes
     }
 
     /// The cache's shape.
@@ -312,8 +365,11 @@ impl KvCache {
         let sees = |query: u64, key: u64| key <= query && query - key < window;
         let write_slots: Vec<i64> = (pos0..end).map(|p| (p % n_slots as u64) as i64).collect();
 
-        if n_new == 1 || end <= n_slots as u64 {
-            // Writing first loses nothing any query of this step needs.
+        // Writing first loses nothing any query of this step needs when one token is added,
+        // when the ring has not wrapped yet, or when the ring is at least `n_new - 1` slots
+        // larger than the window (as for blocks offloaded to a GPU, see `engine::kv_shape`).
+        let roomy = window != u64::MAX && n_slots as u64 >= window + n_new as u64 - 1;
+        if n_new == 1 || end <= n_slots as u64 || roomy {
             let n_view = end.min(n_slots as u64) as usize;
             // Position held by slot `c` once the new rows are written.
             let slot_pos = |c: usize| {
@@ -369,7 +425,6 @@ mod tests {
     use super::*;
 
     fn cache(n_slots: usize, window: Option<usize>) -> KvCache {
-        let backend = CpuBackend::new(1).unwrap();
         let shape = KvShape {
             n_layer: 1,
             head_dim: 32,
@@ -378,7 +433,42 @@ mod tests {
             window,
             kv_type: KvType::F32,
         };
-        KvCache::new(shape, &backend).unwrap()
+        KvCache::new(shape, &KvPlacement::cpu()).unwrap()
+    }
+
+    #[test]
+    fn a_ring_larger_than_the_window_stores_chunks_first() {
+        // 10 slots, window 4: chunks of up to 7 tokens never overwrite what their queries see.
+        let shape = KvShape {
+            n_layer: 1,
+            head_dim: 32,
+            n_head_kv: 1,
+            n_slots: 10,
+            window: Some(4),
+            kv_type: KvType::F32,
+        };
+        let mut c = KvCache::new(shape, &KvPlacement::cpu()).unwrap();
+        c.commit(23);
+        let plan = c.plan(7).unwrap();
+        assert!(matches!(plan.source, AttnSource::Direct { n_view: 10 }));
+        assert_eq!(plan.write_slots, vec![3, 4, 5, 6, 7, 8, 9]);
+        // After the writes slot s holds position 20 + s (23..29 just written, 20..22 kept).
+        let slot_pos = |s: u64| 20 + s;
+        for i in 0..7u64 {
+            let q = 23 + i;
+            let seen: Vec<u64> = (0..10)
+                .filter(|&s| plan.visible[i as usize * 10 + s as usize])
+                .map(slot_pos)
+                .collect();
+            let mut want: Vec<u64> = (q - 3..=q).collect();
+            want.sort_by_key(|&p| p % 10);
+            assert_eq!(seen, want, "query {q}");
+        }
+        // One token more than the ring allows for this window: the history is gathered.
+        assert!(matches!(
+            c.plan(8).unwrap().source,
+            AttnSource::Gather { .. }
+        ));
     }
 
     #[test]

@@ -394,10 +394,17 @@ fn load(
     let file = MappedGguf::open(model_path)?;
     let tokenizer = Arc::new(Tokenizer::for_model(&file.info, model_path)?);
     let template = ChatTemplate::for_model(&file.info, &tokenizer);
-    drop(file);
     let engine_cfg = config.engine_config();
-    let load_options = config.load_options();
+    let mut load_options = config.load_options();
+    // GPU memory for the KV caches of the sequences that run at once.
+    crate::engine::reserve_kv_memory(
+        &mut load_options,
+        &file,
+        &engine_cfg,
+        config.server.parallel,
+    )?;
     let n_vocab = tokenizer.vocab_size();
+    drop(file);
     let path = model_path.to_path_buf();
     let progress = progress.clone();
     let sched_cfg = SchedulerConfig {
@@ -441,6 +448,17 @@ fn load(
         info.max_context,
         info.n_threads,
         info.attention
+    );
+    let gpus = crate::ggml::Device::gpus();
+    if !gpus.is_empty() {
+        let list: Vec<String> = gpus.iter().map(|d| d.summary()).collect();
+        log::info!("GPUs: {}", list.join("; "));
+    }
+    log::info!(
+        "offload: {}",
+        info.offload
+            .as_deref()
+            .unwrap_or("none, the CPU runs every block")
     );
     log::info!(
         "KV cache: {:.1} MiB per sequence ({}), {} sequences at once + prompt cache of {} entries: at most {:.1} MiB in all",

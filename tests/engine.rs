@@ -155,10 +155,12 @@ fn memory_stays_flat_far_past_the_window() {
     let mut eng = engine(&path, KvType::F16, Some(16), 512);
     let mut seq = eng.new_sequence().unwrap();
     let cache_bytes = seq.cache().bytes();
+    // Offloaded to a GPU the ring has window + batch - 1 slots, at most the context of 256.
+    let slots = if eng.gpu_usage().is_some() { 256 } else { 16 };
     assert_eq!(
         cache_bytes,
-        2 * 2 * 16 * 64 * 2,
-        "2 layers x K,V x 16 slots x 64 values x 2 bytes"
+        2 * 2 * slots * 64 * 2,
+        "2 layers x K,V x {slots} slots x 64 values x 2 bytes"
     );
     eng.feed(&mut seq, &tokens(16, 4), Logits::Last).unwrap();
     let mut compute = 0;
@@ -210,6 +212,7 @@ fn full_attention_reports_a_full_context_and_bad_tokens() {
 #[test]
 fn repacked_weights_give_the_same_logits() {
     use mistrald::engine::{Engine, EngineConfig};
+    use mistrald::model::offload::GpuRequest;
     use mistrald::model::{LoadOptions, MappedGguf, Model};
     let dir = tempdir();
     let path = tiny_model(dir.path(), GgmlType::Q4_0);
@@ -221,6 +224,7 @@ fn repacked_weights_give_the_same_logits() {
                 repack,
                 // ggml's own products in both runs: the repack is what is compared.
                 native_matmul: false,
+                gpu: GpuRequest::cpu(),
             },
         )
         .unwrap();
@@ -257,6 +261,7 @@ fn native_matrix_products_match_ggml_products() {
     // (ggml with an f16 scale, the native kernels with an f32 one), so the logits differ by
     // that rounding only. Prefill in chunks of 13 (two 8-row chunks per product) and decoding.
     use mistrald::engine::{Engine, EngineConfig};
+    use mistrald::model::offload::GpuRequest;
     use mistrald::model::{LoadOptions, MappedGguf, Model};
     let dir = tempdir();
     for ty in [
@@ -272,6 +277,7 @@ fn native_matrix_products_match_ggml_products() {
             let opts = LoadOptions {
                 repack: false,
                 native_matmul,
+                gpu: GpuRequest::cpu(),
             };
             let model = Model::load_with(MappedGguf::open(&path).unwrap(), opts).unwrap();
             let packed = model.weights().packed.bytes();

@@ -9,12 +9,12 @@ pub mod prompt_cache;
 #[cfg(feature = "daemon")]
 pub mod scheduler;
 
-use crate::ggml::{Context, CpuBackend, GraphAllocator};
+use crate::ggml::{Context, CpuBackend, Device, GpuBackend, Graph, GraphAllocator, Scheduler};
 use crate::kernels::matmul::Matmul;
 use crate::kernels::Kernel;
-use crate::kv_cache::{AttnPlan, KvCache, KvShape, KvType};
+use crate::kv_cache::{AttnPlan, KvCache, KvPlacement, KvShape, KvType};
 use crate::model::mistral::{
-    build_step, fill_attention_inputs, AttentionImpl, SeqInput, StepCompute,
+    self, build_step, fill_attention_inputs, AttentionImpl, SeqInput, StepCompute,
 };
 use crate::model::{HParams, LoadOptions, MappedGguf, Model};
 use crate::tokenizer::Tokenizer;
@@ -173,14 +173,16 @@ impl Sequence {
 }
 
 /// Opens the GGUF model at `path`: maps it, builds its tokenizer, loads the weights with
-/// `load` and prepares an engine with `cfg`.
+/// `load` (keeping GPU memory for at least one sequence's KV cache when offloading) and
+/// prepares an engine with `cfg`.
 pub fn open(
     path: &Path,
-    load: LoadOptions,
+    mut load: LoadOptions,
     cfg: EngineConfig,
 ) -> anyhow::Result<(Engine, Tokenizer)> {
     let file = MappedGguf::open(path)?;
     let tok = Tokenizer::for_model(&file.info, path)?;
+    reserve_kv_memory(&mut load, &file, &cfg, 1)?;
     let model = Model::load_with(file, load)?;
     if tok.vocab_size() != model.hparams.n_vocab {
         bail!(
@@ -193,11 +195,148 @@ pub fn open(
     Ok((Engine::new(model, cfg)?, tok))
 }
 
-/// The model, a CPU backend and the graph allocator.
+/// Makes `load`'s GPU request keep room for the KV caches of `n_seqs` sequences of `cfg`'s
+/// shape in each offloaded block (so `auto` offloads only what fits with them).
+pub fn reserve_kv_memory(
+    load: &mut LoadOptions,
+    file: &MappedGguf,
+    cfg: &EngineConfig,
+    n_seqs: usize,
+) -> anyhow::Result<()> {
+    let hp = HParams::from_gguf(&file.info)?;
+    if hp.n_layer == 0 {
+        return Ok(());
+    }
+    let shape = kv_shape(&hp, cfg, true)?;
+    let per_layer = (shape.total_bytes() / hp.n_layer) as u64 * n_seqs.max(1) as u64;
+    load.gpu.kv_bytes_per_layer = load.gpu.kv_bytes_per_layer.max(per_layer);
+    Ok(())
+}
+
+/// The shape of every sequence's KV cache for a model `hp` run with `cfg`: the context length,
+/// the window (the file's unless overridden) and the ring of `min(window, n_ctx)` slots — or,
+/// when blocks are `offloaded` to a GPU, `min(window + batch_size - 1, n_ctx)` slots, so that
+/// a prefill chunk can store its rows before attending without overwriting history its first
+/// queries still see: ggml's GPU backends then run every step in the ring (the CPU path reads
+/// such history in place, or gathers it first).
+pub fn kv_shape(hp: &HParams, cfg: &EngineConfig, offloaded: bool) -> anyhow::Result<KvShape> {
+    let n_ctx = cfg.ctx_size.unwrap_or(hp.n_ctx_train.min(DEFAULT_MAX_CTX));
+    if n_ctx == 0 {
+        bail!("context size must be at least 1");
+    }
+    let window = match cfg.sliding_window {
+        Some(0) => None,
+        Some(w) => Some(w),
+        None => hp.sliding_window,
+    };
+    let n_slots = match window {
+        Some(w) if offloaded => (w + cfg.batch_size.max(1) - 1).min(n_ctx),
+        Some(w) => w.min(n_ctx),
+        None => n_ctx,
+    };
+    if cfg.kv_type.ggml().row_bytes(hp.head_dim as u64).is_none() {
+        bail!(
+            "KV cache type {:?} needs a head dimension that is a multiple of 32 (model has {})",
+            cfg.kv_type,
+            hp.head_dim
+        );
+    }
+    Ok(KvShape {
+        n_layer: hp.n_layer,
+        head_dim: hp.head_dim,
+        n_head_kv: hp.n_head_kv,
+        n_slots,
+        window,
+        kv_type: cfg.kv_type,
+    })
+}
+
+/// Where step graphs run.
+enum Executor {
+    /// On the CPU backend, intermediate tensors placed by the graph allocator.
+    Cpu {
+        backend: CpuBackend,
+        allocator: GraphAllocator,
+    },
+    /// Across a GPU and the CPU through ggml's backend scheduler (some blocks offloaded).
+    /// Fields drop in order: the scheduler (and its compute buffers) before its backends.
+    Offload {
+        sched: Scheduler,
+        gpu: GpuBackend,
+        cpu: CpuBackend,
+    },
+}
+
+impl Executor {
+    fn n_threads(&self) -> usize {
+        match self {
+            Executor::Cpu { backend, .. } => backend.n_threads(),
+            Executor::Offload { cpu, .. } => cpu.n_threads(),
+        }
+    }
+
+    /// Allocates `graph` (of at most `capacity` tensors) for computing.
+    fn alloc(&mut self, graph: &Graph<'_>, capacity: usize) -> anyhow::Result<()> {
+        match self {
+            Executor::Cpu { allocator, .. } => allocator.alloc(graph),
+            Executor::Offload { gpu, cpu, sched } => {
+                if sched.capacity() < capacity {
+                    *sched = Scheduler::new(gpu, cpu, capacity)?;
+                }
+                sched.alloc(graph)
+            }
+        }
+    }
+
+    fn compute(&mut self, graph: &Graph<'_>) -> anyhow::Result<()> {
+        match self {
+            Executor::Cpu { backend, .. } => backend.compute(graph),
+            Executor::Offload { sched, .. } => sched.compute(graph),
+        }
+    }
+}
+
+/// What an engine keeps on its GPU.
+#[derive(Clone, Debug)]
+pub struct GpuUsage {
+    /// The device.
+    pub device: Device,
+    /// Blocks it computes (the last ones), of the model's total.
+    pub layers: usize,
+    /// Whether it computes the output head too.
+    pub output: bool,
+    /// Bytes of weights in its memory.
+    pub weight_bytes: u64,
+    /// Bytes of one sequence's KV cache in its memory.
+    pub kv_bytes_per_sequence: u64,
+    /// Bytes of compute buffer on the device so far (grows to the largest step seen).
+    pub compute_bytes: u64,
+}
+
+impl GpuUsage {
+    /// In words: `32 of 32 blocks and the output head on Vulkan0 (llvmpipe …): 3.2 MiB of
+    /// weights, 2.0 MiB of KV cache per sequence, 1.5 MiB of compute buffer`.
+    pub fn describe(&self, n_layer: usize) -> String {
+        let mib = |b: u64| b as f64 / 1048576.0;
+        format!(
+            "{} of {n_layer} blocks{} on {} ({}): {:.1} MiB of weights, {:.1} MiB of KV cache per sequence, {:.1} MiB of compute buffer",
+            self.layers,
+            if self.output { " and the output head" } else { "" },
+            self.device.name(),
+            self.device.description(),
+            mib(self.weight_bytes),
+            mib(self.kv_bytes_per_sequence),
+            mib(self.compute_bytes)
+        )
+    }
+}
+
+/// The model, the backend(s) its graphs run on, and the graph allocation.
 pub struct Engine {
+    // Dropped before the model, whose weights its last graph read.
+    exec: Executor,
     model: Model,
-    backend: CpuBackend,
-    allocator: GraphAllocator,
+    kv_placement: KvPlacement,
     cfg: EngineConfig,
     n_ctx: usize,
     kv_shape: KvShape,
@@ -212,34 +351,8 @@ impl Engine {
         if cfg.batch_size == 0 {
             bail!("batch size must be at least 1");
         }
+        let kv_shape = kv_shape(hp, &cfg, model.gpu().is_some())?;
         let n_ctx = cfg.ctx_size.unwrap_or(hp.n_ctx_train.min(DEFAULT_MAX_CTX));
-        if n_ctx == 0 {
-            bail!("context size must be at least 1");
-        }
-        let window = match cfg.sliding_window {
-            Some(0) => None,
-            Some(w) => Some(w),
-            None => hp.sliding_window,
-        };
-        let n_slots = match window {
-            Some(w) => w.min(n_ctx),
-            None => n_ctx,
-        };
-        let kv_shape = KvShape {
-            n_layer: hp.n_layer,
-            head_dim: hp.head_dim,
-            n_head_kv: hp.n_head_kv,
-            n_slots,
-            window,
-            kv_type: cfg.kv_type,
-        };
-        if cfg.kv_type.ggml().row_bytes(hp.head_dim as u64).is_none() {
-            bail!(
-                "KV cache type {:?} needs a head dimension that is a multiple of 32 (model has {})",
-                cfg.kv_type,
-                hp.head_dim
-            );
-        }
         let attention = match cfg.attention {
             AttentionChoice::Native if AttentionImpl::native_supports(hp, &kv_shape) => {
                 AttentionImpl::Native(Kernel::selected()?)
@@ -260,10 +373,35 @@ impl Engine {
             Some(Matmul::selected()?)
         };
         let backend = CpuBackend::new(cfg.n_threads)?;
+        let (exec, kv_placement) = match model.gpu() {
+            None => (
+                Executor::Cpu {
+                    backend,
+                    allocator: GraphAllocator::new()?,
+                },
+                KvPlacement::cpu(),
+            ),
+            Some(g) => {
+                let device = g.placement.device;
+                let gpu = device.start()?;
+                let sched = Scheduler::new(&gpu, &backend, 4 * mistral::graph_size(hp, 1))?;
+                (
+                    Executor::Offload {
+                        gpu,
+                        cpu: backend,
+                        sched,
+                    },
+                    KvPlacement {
+                        gpu: Some(device.buffer_type()),
+                        first_gpu_layer: g.placement.first_layer,
+                    },
+                )
+            }
+        };
         Ok(Engine {
             model,
-            backend,
-            allocator: GraphAllocator::new()?,
+            exec,
+            kv_placement,
             cfg,
             n_ctx,
             kv_shape,
@@ -314,9 +452,31 @@ impl Engine {
         self.kv_shape.window
     }
 
-    /// Bytes of the compute buffer (grows to the largest step seen, then stays).
+    /// Bytes of the CPU's compute buffer (grows to the largest step seen, then stays).
     pub fn compute_buffer_bytes(&self) -> usize {
-        self.allocator.buffer_size()
+        match &self.exec {
+            Executor::Cpu { allocator, .. } => allocator.buffer_size(),
+            Executor::Offload { gpu, cpu, sched } => sched.buffer_sizes(gpu, cpu).1,
+        }
+    }
+
+    /// What the engine keeps on a GPU (`None`: it runs on the CPU only).
+    pub fn gpu_usage(&self) -> Option<GpuUsage> {
+        let Executor::Offload { gpu, cpu, sched } = &self.exec else {
+            return None;
+        };
+        let g = self.model.gpu()?;
+        let n_layer = self.model.hparams.n_layer;
+        let per_layer = (self.kv_shape.total_bytes() / n_layer.max(1)) as u64;
+        let layers = g.placement.n_layers(n_layer);
+        Some(GpuUsage {
+            device: gpu.device(),
+            layers,
+            output: g.placement.output,
+            weight_bytes: g.bytes,
+            kv_bytes_per_sequence: per_layer * layers as u64,
+            compute_bytes: sched.buffer_sizes(gpu, cpu).0 as u64,
+        })
     }
 
     /// Most tokens one sequence may contribute to one step.
@@ -327,7 +487,7 @@ impl Engine {
     /// A new, empty sequence with its own cache.
     pub fn new_sequence(&self) -> anyhow::Result<Sequence> {
         Ok(Sequence {
-            cache: KvCache::new(self.kv_shape, &self.backend)?,
+            cache: KvCache::new(self.kv_shape, &self.kv_placement)?,
         })
     }
 
@@ -382,6 +542,8 @@ impl Engine {
         let n_seqs = items.len();
         let graph_size = crate::model::mistral::graph_size(hp, n_seqs);
         let ctx = Context::for_graph(graph_size * 2, graph_size)?;
+        // Every tensor the scheduler may see: the graph's, the weights and the caches.
+        let sched_capacity = 4 * graph_size;
         let seq_inputs: Vec<SeqInput<'_>> = {
             let mut first = 0;
             items
@@ -408,10 +570,11 @@ impl Engine {
             StepCompute {
                 attention: self.attention,
                 matmul: self.matmul,
-                n_threads: self.backend.n_threads(),
+                n_threads: self.exec.n_threads(),
+                first_gpu_layer: self.kv_placement.first_gpu_layer.min(hp.n_layer),
             },
         );
-        self.allocator.alloc(&step.graph)?;
+        self.exec.alloc(&step.graph, sched_capacity)?;
         step.tokens.write(&tokens);
         step.positions.write(&positions);
         if step.out_rows.is_allocated() {
@@ -419,7 +582,7 @@ impl Engine {
         }
         let plan_refs: Vec<&AttnPlan> = plans.iter().collect();
         fill_attention_inputs(&step, &plan_refs);
-        self.backend.compute(&step.graph)?;
+        self.exec.compute(&step.graph)?;
         let logits = step.logits.read_f32();
         drop(seq_inputs);
 

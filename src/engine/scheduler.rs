@@ -194,6 +194,8 @@ pub struct EngineInfo {
     pub n_threads: usize,
     /// The attention implementation in use.
     pub attention: String,
+    /// What runs on a GPU, in words (`None`: the CPU only).
+    pub offload: Option<String>,
 }
 
 /// Starts the engine thread: it runs `load` (ggml objects stay on the thread that owns them)
@@ -241,6 +243,9 @@ pub fn start(
                 kv_bytes_per_sequence: engine.kv_shape().total_bytes(),
                 n_threads: engine.config().n_threads,
                 attention: engine.attention().describe(),
+                offload: engine
+                    .gpu_usage()
+                    .map(|g| g.describe(engine.hparams().n_layer)),
             };
             let shared = Arc::new(Shared {
                 n_vocab: info.n_vocab,

@@ -55,13 +55,9 @@ impl CpuBackend {
         Ok(())
     }
 
-    /// Allocates every tensor of `ctx` (a `no_alloc` context) in one new CPU buffer, zeroed.
-    pub fn alloc_context_tensors(&self, ctx: &Context) -> anyhow::Result<BackendBuffer> {
-        let buf = unsafe { sys::ggml_backend_alloc_ctx_tensors(ctx.raw(), self.ptr.as_ptr()) };
-        let buf =
-            NonNull::new(buf).ok_or_else(|| anyhow::anyhow!("out of memory allocating tensors"))?;
-        unsafe { sys::ggml_backend_buffer_clear(buf.as_ptr(), 0) };
-        Ok(BackendBuffer { ptr: buf })
+    /// The raw backend, for the scheduler.
+    pub(crate) fn raw(&self) -> sys::ggml_backend_t {
+        self.ptr.as_ptr()
     }
 }
 
@@ -84,6 +80,11 @@ pub struct BackendBuffer {
 unsafe impl Send for BackendBuffer {}
 
 impl BackendBuffer {
+    /// Takes ownership of a buffer ggml allocated.
+    pub(crate) fn from_raw(ptr: NonNull<sys::ggml_backend_buffer>) -> BackendBuffer {
+        BackendBuffer { ptr }
+    }
+
     /// Wraps existing host memory (`ptr`, `len` bytes) — e.g. a memory-mapped model file — as a
     /// CPU buffer, without copying. `ptr` must be 32-byte aligned and outlive the buffer.
     ///
@@ -244,22 +245,8 @@ impl RepackBufferType {
         }
     }
 
-    /// Bytes `t` needs in a repack buffer.
-    pub fn alloc_size(&self, t: Tensor<'_>) -> usize {
-        unsafe { sys::ggml_backend_buft_get_alloc_size(self.buft, t.raw()) }
-    }
-
-    /// Alignment of tensors in a repack buffer.
-    pub fn alignment(&self) -> usize {
-        unsafe { sys::ggml_backend_buft_get_alignment(self.buft) }
-    }
-
-    /// A new repack buffer of `size` bytes.
-    pub fn alloc(&self, size: usize) -> anyhow::Result<BackendBuffer> {
-        let buf = unsafe { sys::ggml_backend_buft_alloc_buffer(self.buft, size) };
-        let ptr = NonNull::new(buf).ok_or_else(|| {
-            anyhow::anyhow!("out of memory allocating {size} bytes for repacked weights")
-        })?;
-        Ok(BackendBuffer { ptr })
+    /// The repack buffer type, to place tensors in.
+    pub fn buffer_type(&self) -> super::BufferType {
+        super::BufferType::from_raw(self.buft)
     }
 }

@@ -5,6 +5,8 @@
 //!   and the graph operations the Mistral forward pass needs are methods of [`Context`].
 //! - [`backend`]: the CPU backend (thread count, graph compute), backend buffers (including one
 //!   wrapping a memory-mapped file) and the graph allocator that reuses activation memory.
+//! - [`device`]: GPU devices (Vulkan/CUDA builds), their memory and buffer types, and the
+//!   backend scheduler that runs a graph across a GPU and the CPU.
 //! - [`gguf_writer`]: writing GGUF files through ggml's own gguf writer.
 //!
 //! ggml aborts the process when one of its assertions fails, so every public function here either
@@ -13,12 +15,14 @@
 
 pub mod backend;
 pub mod context;
+pub mod device;
 pub mod gguf;
 pub mod gguf_writer;
 pub mod types;
 
 pub use backend::{BackendBuffer, CpuBackend, GraphAllocator, RepackBufferType};
 pub use context::{Context, CustomOp, Graph, OpHandle, OpTensor, Tensor};
+pub use device::{BufferType, Device, DeviceKind, GpuBackend, Scheduler};
 pub use types::GgmlType;
 
 use llama_cpp_sys_2 as sys;

@@ -40,7 +40,7 @@ pub fn ggml_flash_attn_micros(
         .collect();
     let q = data_ctx.new_tensor(GgmlType::F32, &[HEAD_DIM, N_HEAD, 1]);
     let mask = data_ctx.new_tensor(GgmlType::F16, &[n_kv, 1]);
-    let _buffer = backend.alloc_context_tensors(&data_ctx)?;
+    let _buffer = crate::ggml::BufferType::cpu().alloc_context_tensors(&data_ctx)?;
     for &(k, v) in &caches {
         fill(k, ty, 1)?;
         fill(v, ty, 2)?;

@@ -304,7 +304,6 @@ fn time_ggml(
     min_time: Duration,
 ) -> anyhow::Result<Vec<GgmlTiming>> {
     let (n, k) = (n_rows as i64, n_cols as i64);
-    let alloc_backend = CpuBackend::new(1)?;
     let w_ctx = Context::new((copies + 4) * crate::ggml::tensor_overhead(), true)?;
     let ws: Vec<Tensor<'_>> = (0..copies)
         .map(|_| w_ctx.new_tensor(ty.ggml(), &[k, n]))
@@ -316,7 +315,8 @@ fn time_ggml(
         if !r.supports(ws[0]) {
             return Ok(Vec::new());
         }
-        let align = r.alignment().max(1);
+        let r = r.buffer_type();
+        let align = r.alignment();
         let sizes: Vec<usize> = ws
             .iter()
             .map(|&t| r.alloc_size(t).next_multiple_of(align))
@@ -330,7 +330,7 @@ fn time_ggml(
         }
         buf
     } else {
-        let buf = alloc_backend.alloc_context_tensors(&w_ctx)?;
+        let buf = crate::ggml::BufferType::cpu().alloc_context_tensors(&w_ctx)?;
         for &t in &ws {
             t.write::<u8>(src);
         }
@@ -341,7 +341,7 @@ fn time_ggml(
         .iter()
         .map(|&r| x_ctx.new_tensor(GgmlType::F32, &[k, r as i64]))
         .collect();
-    let _x_buf = alloc_backend.alloc_context_tensors(&x_ctx)?;
+    let _x_buf = crate::ggml::BufferType::cpu().alloc_context_tensors(&x_ctx)?;
     for (&x, &r) in xs.iter().zip(rows_list) {
         x.write(&activations(r, n_cols));
     }

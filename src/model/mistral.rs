@@ -59,6 +59,10 @@ pub struct StepCompute {
     /// The native matrix kernel for the products whose matrices were packed for it
     /// ([`Weights::packed`]); `None`: every product through ggml.
     pub matmul: Option<Matmul>,
+    /// The first block offloaded to a GPU (`n_layer`: none). Those blocks' attention is
+    /// ggml's (the GPU runs it over the ring with the window mask); their matrices are never
+    /// packed, so their products are ggml's too.
+    pub first_gpu_layer: usize,
 }
 
 /// One sequence's share of a batch.
@@ -175,7 +179,15 @@ pub fn build_step<'g>(
         attention,
         n_threads,
         matmul,
+        first_gpu_layer,
     } = compute;
+    let layer_attention = |l: usize| {
+        if l >= first_gpu_layer {
+            AttentionImpl::Ggml
+        } else {
+            attention
+        }
+    };
     let products = Products {
         ctx,
         matmul,
@@ -208,8 +220,9 @@ pub fn build_step<'g>(
                 .set_name(&format!("slots_s{s}"))
                 .mark_input(),
         );
-        // Masks and gathered rows are inputs of ggml's attention only.
-        let ggml = matches!(attention, AttentionImpl::Ggml);
+        // Masks and gathered rows are inputs of ggml's attention only (all blocks', or the
+        // offloaded ones').
+        let ggml = matches!(attention, AttentionImpl::Ggml) || first_gpu_layer < hp.n_layer;
         masks.push(ggml.then(|| {
             ctx.new_tensor(GgmlType::F16, &[p.n_kv as i64, p.n_new as i64])
                 .set_name(&format!("mask_s{s}"))
@@ -256,7 +269,7 @@ pub fn build_step<'g>(
 
         let mut attn: Option<Tensor<'g>> = None;
         for (s, seq) in seqs.iter().enumerate() {
-            let out = match (attention, masks[s]) {
+            let out = match (layer_attention(l), masks[s]) {
                 (AttentionImpl::Native(kernel), _) => native_attention(
                     ctx,
                     &mut graph,
@@ -381,9 +394,11 @@ fn attention_for_sequence<'g>(
             // Read the history (dequantized, in position order) before the new rows overwrite
             // it, append the new keys/values, attend, then store.
             let n_kv = rows.len() as i64 + n_new;
+            // The new rows, copied once: read by the attention and stored afterwards.
+            let (k_new, v_new) = (ctx.cont(k_rows), ctx.cont(v_rows));
             let all = |cache: Tensor<'_>, new: Tensor<'g>| -> Tensor<'g> {
                 let hist: Tensor<'g> = ctx.get_rows(cache, gather);
-                let joined = ctx.concat(hist, ctx.cont(new), 1); // [row_elems, n_kv] f32
+                let joined = ctx.concat(hist, new, 1); // [row_elems, n_kv] f32
                 ctx.view(
                     joined,
                     &[hd, n_kv, n_head_kv],
@@ -391,11 +406,11 @@ fn attention_for_sequence<'g>(
                     0,
                 )
             };
-            let out = ctx.flash_attn(q_s, all(cache_k, k_rows), all(cache_v, v_rows), mask, scale);
+            let out = ctx.flash_attn(q_s, all(cache_k, k_new), all(cache_v, v_new), mask, scale);
             graph.expand(out);
             // Expanded after the attention, so the writes run after the reads.
-            graph.expand(ctx.set_rows(cache_k, k_rows, write_slots));
-            graph.expand(ctx.set_rows(cache_v, v_rows, write_slots));
+            graph.expand(ctx.set_rows(cache_k, k_new, write_slots));
+            graph.expand(ctx.set_rows(cache_v, v_new, write_slots));
             out
         }
         (AttnSource::Gather { .. }, None) => unreachable!("gather plan without gather rows"),

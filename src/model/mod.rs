@@ -2,11 +2,13 @@
 //!
 //! - [`hparams`]: the Mistral shape read from metadata.
 //! - [`weights`]: the weight tensors, validated and placed in place in the memory map.
+//! - [`offload`]: which blocks run on a GPU (`--gpu-layers`, `--device`).
 //! - [`mistral`]: the forward pass as a ggml graph.
 
 pub mod bundled;
 pub mod hparams;
 pub mod mistral;
+pub mod offload;
 pub mod synthetic;
 pub mod weights;
 

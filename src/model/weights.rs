@@ -1,8 +1,9 @@
 //! The weight tensors of a Mistral model, used in place from the memory-mapped GGUF file.
 
+use super::offload::{self, GpuPlacement, GpuRequest};
 use super::{HParams, MappedGguf};
 use crate::ggml::gguf::{GgufFile, TensorInfo};
-use crate::ggml::{BackendBuffer, Context, GgmlType, RepackBufferType, Tensor};
+use crate::ggml::{BackendBuffer, BufferType, Context, GgmlType, RepackBufferType, Tensor};
 use crate::kernels::matmul::{PackedMatrix, WeightType};
 use anyhow::Context as _;
 use std::sync::Arc;
@@ -96,7 +97,7 @@ impl PackedWeights {
 }
 
 /// How weights are placed in memory.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LoadOptions {
     /// Convert the weight matrices ggml can repack (Q4_0, Q4_K, ... on AVX2/AVX-512/NEON) into
     /// its interleaved layout at load time (the default): about twice as fast matrix products
@@ -110,15 +111,36 @@ pub struct LoadOptions {
     /// memory and their mapped pages are released as each is converted. Matrices of other
     /// types keep to `repack`.
     pub native_matmul: bool,
+    /// Which blocks to offload to a GPU (see [`offload::plan`]). Offloaded weights are copied
+    /// into the GPU's memory as they are read and their mapped pages released, so a board
+    /// whose GPU shares the system memory (Jetson) never holds them twice.
+    pub gpu: GpuRequest,
 }
 
 impl Default for LoadOptions {
+    /// Repacked and native matrices; offload per `MISTRALD_GPU_LAYERS`/`MISTRALD_DEVICE`, else
+    /// as many blocks as fit on the first GPU (none without one). An invalid
+    /// `MISTRALD_GPU_LAYERS` is logged and ignored here; [`GpuRequest::from_env`] reports it.
     fn default() -> Self {
+        let gpu = GpuRequest::from_env().unwrap_or_else(|e| {
+            log::warn!("{e}; ignored");
+            GpuRequest::default()
+        });
         LoadOptions {
             repack: true,
             native_matmul: true,
+            gpu,
         }
     }
+}
+
+/// The blocks a GPU computes and their weights in its memory.
+pub struct GpuWeights {
+    /// Which blocks, on which device.
+    pub placement: GpuPlacement,
+    /// Bytes of weights in the GPU's memory.
+    pub bytes: u64,
+    _buffer: BackendBuffer,
 }
 
 /// A loaded model: hyper-parameters and weights, backed by the memory-mapped file.
@@ -127,6 +149,7 @@ pub struct Model {
     pub hparams: HParams,
     weights: Weights<'static>,
     repacked_bytes: u64,
+    gpu: Option<GpuWeights>,
     _ctx: Context,
     _repack_buffer: Option<BackendBuffer>,
     _buffer: BackendBuffer,
@@ -177,6 +200,7 @@ impl Model {
                 ))
                 .into());
         }
+        let placement = offload::plan(g, &hp, &opts.gpu)?;
         let n_tensors = 3 + 9 * hp.n_layer + 1;
         let ctx = Context::new(n_tensors * crate::ggml::tensor_overhead(), true)?;
         let data_len = (g.file_size - g.data_offset) as usize;
@@ -204,62 +228,84 @@ impl Model {
         let mut to_repack: Vec<(Tensor<'static>, u64)> = Vec::new();
         // Matrices for the native kernels.
         let mut to_pack: Vec<ToPack> = Vec::new();
-        let mut load = |name: &str, ne: &[u64], norm: bool| -> anyhow::Result<Tensor<'static>> {
-            let info = g
-                .tensor(name)
-                .ok_or_else(|| g.error(format!("missing tensor '{name}'")))?;
-            check_tensor(g, info, ne, norm)?;
-            let dims: Vec<i64> = ne.iter().map(|&d| d as i64).collect();
-            // SAFETY: `ctx` moves into the returned `Model` together with these handles.
-            let t = unsafe { ctx.new_tensor(info.ty, &dims).set_name(name).detach() };
-            // The embedding matrix is read by row lookups, which need the file's layout.
-            let matrix = ne.len() == 2 && name != "token_embd.weight";
-            let native = WeightType::from_ggml(info.ty).filter(|_| matrix && opts.native_matmul);
-            match (&repack, native) {
-                (_, Some(ty)) => {
-                    // Also placed in place, so the tensor stays valid for ggml (its pages are
-                    // released once packed, and read back from the file if ever used).
-                    buffer.place(t, info.offset as usize)?;
-                    to_pack.push(ToPack {
-                        name: name.to_string(),
-                        ty,
-                        rows: ne[1] as usize,
-                        cols: ne[0] as usize,
-                        offset: info.offset,
-                        size: info.size,
-                        release: true,
-                    });
+        // Tensors for the GPU's memory, with their data offsets.
+        let mut to_upload: Vec<(Tensor<'static>, u64)> = Vec::new();
+        let mut load =
+            |name: &str, ne: &[u64], norm: bool, on_gpu: bool| -> anyhow::Result<Tensor<'static>> {
+                let info = g
+                    .tensor(name)
+                    .ok_or_else(|| g.error(format!("missing tensor '{name}'")))?;
+                check_tensor(g, info, ne, norm)?;
+                let dims: Vec<i64> = ne.iter().map(|&d| d as i64).collect();
+                // SAFETY: `ctx` moves into the returned `Model` together with these handles.
+                let t = unsafe { ctx.new_tensor(info.ty, &dims).set_name(name).detach() };
+                if on_gpu {
+                    to_upload.push((t, info.offset));
+                    return Ok(t);
                 }
-                (Some(r), None) if matrix && r.supports(t) => to_repack.push((t, info.offset)),
-                _ => buffer.place(t, info.offset as usize)?,
-            }
-            Ok(t)
-        };
-        let tok_embd = load("token_embd.weight", &[e, v], false)?;
-        let output_norm = load("output_norm.weight", &[e], true)?;
-        let output = if g.tensor("output.weight").is_some() {
-            load("output.weight", &[e, v], false)?
-        } else {
+                // The embedding matrix is read by row lookups, which need the file's layout.
+                let matrix = ne.len() == 2 && name != "token_embd.weight";
+                let native =
+                    WeightType::from_ggml(info.ty).filter(|_| matrix && opts.native_matmul);
+                match (&repack, native) {
+                    (_, Some(ty)) => {
+                        // Also placed in place, so the tensor stays valid for ggml (its pages are
+                        // released once packed, and read back from the file if ever used).
+                        buffer.place(t, info.offset as usize)?;
+                        to_pack.push(ToPack {
+                            name: name.to_string(),
+                            ty,
+                            rows: ne[1] as usize,
+                            cols: ne[0] as usize,
+                            offset: info.offset,
+                            size: info.size,
+                            release: true,
+                        });
+                    }
+                    (Some(r), None) if matrix && r.supports(t) => to_repack.push((t, info.offset)),
+                    _ => buffer.place(t, info.offset as usize)?,
+                }
+                Ok(t)
+            };
+        let output_on_gpu = placement.is_some_and(|p| p.output);
+        let tok_embd = load("token_embd.weight", &[e, v], false, false)?;
+        let output_norm = load("output_norm.weight", &[e], true, output_on_gpu)?;
+        let tied = g.tensor("output.weight").is_none();
+        let mut output = if tied {
             tok_embd
+        } else {
+            load("output.weight", &[e, v], false, output_on_gpu)?
         };
         let mut layers = Vec::with_capacity(hp.n_layer);
         for i in 0..hp.n_layer {
             let n = |s: &str| format!("blk.{i}.{s}.weight");
+            let gpu = placement.is_some_and(|p| p.has_layer(i));
             layers.push(LayerWeights {
-                attn_norm: load(&n("attn_norm"), &[e], true)?,
-                wq: load(&n("attn_q"), &[e, q], false)?,
-                wk: load(&n("attn_k"), &[e, kv], false)?,
-                wv: load(&n("attn_v"), &[e, kv], false)?,
-                wo: load(&n("attn_output"), &[q, e], false)?,
-                ffn_norm: load(&n("ffn_norm"), &[e], true)?,
-                w_gate: load(&n("ffn_gate"), &[e, ff], false)?,
-                w_up: load(&n("ffn_up"), &[e, ff], false)?,
-                w_down: load(&n("ffn_down"), &[ff, e], false)?,
+                attn_norm: load(&n("attn_norm"), &[e], true, gpu)?,
+                wq: load(&n("attn_q"), &[e, q], false, gpu)?,
+                wk: load(&n("attn_k"), &[e, kv], false, gpu)?,
+                wv: load(&n("attn_v"), &[e, kv], false, gpu)?,
+                wo: load(&n("attn_output"), &[q, e], false, gpu)?,
+                ffn_norm: load(&n("ffn_norm"), &[e], true, gpu)?,
+                w_gate: load(&n("ffn_gate"), &[e, ff], false, gpu)?,
+                w_up: load(&n("ffn_up"), &[e, ff], false, gpu)?,
+                w_down: load(&n("ffn_down"), &[ff, e], false, gpu)?,
             });
+        }
+        if tied && output_on_gpu {
+            // The GPU's copy of a tied head; the CPU keeps the embedding for its row lookups.
+            let info = g.tensor("token_embd.weight").expect("loaded above");
+            // SAFETY: as in `load`.
+            output = unsafe {
+                ctx.new_tensor(info.ty, &[e as i64, v as i64])
+                    .set_name("output.weight")
+                    .detach()
+            };
+            to_upload.push((output, info.offset));
         }
         // A tied output head is packed from the embedding matrix, whose pages the row lookups
         // keep reading (so they stay).
-        if g.tensor("output.weight").is_none() && opts.native_matmul {
+        if tied && !output_on_gpu && opts.native_matmul {
             let info = g.tensor("token_embd.weight").expect("loaded above");
             if let Some(ty) = WeightType::from_ggml(info.ty) {
                 to_pack.push(ToPack {
@@ -286,10 +332,29 @@ impl Model {
                 .into());
         }
         let repack_buffer = match &repack {
-            Some(r) if !to_repack.is_empty() => {
-                Some(repack_weights(r, &to_repack, &file, progress)?)
-            }
+            Some(r) if !to_repack.is_empty() => Some(
+                copy_weights(r.buffer_type(), &to_repack, &file, progress)
+                    .context("repacking the weights")?,
+            ),
             _ => None,
+        };
+        let gpu = match placement {
+            Some(p) => {
+                let buffer = copy_weights(p.device.buffer_type(), &to_upload, &file, progress)
+                    .with_context(|| {
+                        format!(
+                            "offloading {} layers to {} (offload fewer with --gpu-layers)",
+                            p.n_layers(hp.n_layer),
+                            p.device.name()
+                        )
+                    })?;
+                Some(GpuWeights {
+                    placement: p,
+                    bytes: buffer.size() as u64,
+                    _buffer: buffer,
+                })
+            }
+            None => None,
         };
         let repacked_bytes = to_repack.iter().map(|(t, _)| t.nbytes() as u64).sum();
         let packed = pack_weights(&to_pack, hp.n_layer, &file, progress)?;
@@ -303,6 +368,7 @@ impl Model {
                 packed,
             },
             repacked_bytes,
+            gpu,
             _ctx: ctx,
             _repack_buffer: repack_buffer,
             _buffer: buffer,
@@ -313,6 +379,11 @@ impl Model {
     /// The weight tensors.
     pub fn weights(&self) -> &Weights<'_> {
         &self.weights
+    }
+
+    /// The blocks offloaded to a GPU (`None`: everything on the CPU).
+    pub fn gpu(&self) -> Option<&GpuWeights> {
+        self.gpu.as_ref()
     }
 
     /// The parsed GGUF header (metadata for the tokenizer and chat template).
@@ -449,32 +520,37 @@ fn pack_weights(
     Ok(packed)
 }
 
-/// Copies `tensors` (with their data offsets) from the map into one repack buffer, converting
-/// them, then releases the mapped pages they came from.
-fn repack_weights(
-    r: &RepackBufferType,
+/// Copies `tensors` (with their data offsets) from the map into one new buffer of `buft` —
+/// ggml's repack buffer, which converts them as they are written, or a GPU's memory — then
+/// releases the mapped pages they came from (unless another tensor still reads them in place:
+/// a tied output head shares the embedding's).
+fn copy_weights(
+    buft: BufferType,
     tensors: &[(Tensor<'static>, u64)],
     file: &MappedGguf,
     progress: &mut dyn FnMut(u64, u64),
 ) -> anyhow::Result<BackendBuffer> {
-    let align = r.alignment().max(1);
+    let align = buft.alignment();
     let mut offsets = Vec::with_capacity(tensors.len());
     let mut total = 0usize;
     for (t, _) in tensors {
         offsets.push(total);
-        total += r.alloc_size(*t).next_multiple_of(align);
+        total += buft.alloc_size(*t).next_multiple_of(align);
     }
-    let buf = r.alloc(total)?;
+    let buf = buft.alloc(total)?;
     let weight_bytes: u64 = tensors.iter().map(|(t, _)| t.nbytes() as u64).sum();
     let mut done = 0u64;
     let data = &file.mmap[file.info.data_offset as usize..];
+    let embd_offset = file.info.tensor("token_embd.weight").map(|t| t.offset);
     for ((t, file_offset), &at) in tensors.iter().zip(&offsets) {
         buf.place(*t, at)?;
         let bytes = &data[*file_offset as usize..*file_offset as usize + t.nbytes()];
         t.write::<u8>(bytes);
-        // The repacked copy replaces these pages: drop them from this process's memory right
-        // away, so loading never holds two copies of the weights.
-        release_pages(bytes);
+        // The copy replaces these pages: drop them from this process's memory right away, so
+        // loading never holds two copies of the weights.
+        if Some(*file_offset) != embd_offset {
+            release_pages(bytes);
+        }
         done += t.nbytes() as u64;
         progress(done, weight_bytes);
     }
