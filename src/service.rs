@@ -255,7 +255,8 @@ async fn serve(startup: Startup) -> anyhow::Result<()> {
                     Err(e) => break Err(anyhow::anyhow!("model loading panicked: {e}")),
                 }
             }
-            _ = status_tick.tick() => {
+            // Only a service manager reads the status line.
+            _ = status_tick.tick(), if manager.enabled() => {
                 if !loaded {
                     // While weights are converted, ask for more start time as long as it
                     // advances (a 7B model read from an SD card takes minutes).
