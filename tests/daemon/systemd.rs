@@ -120,39 +120,63 @@ fn pass_as_fd3(command: &mut Command, fd: RawFd) {
     }
 }
 
-/// A daemon started as systemd starts `mistrald.service` with `mistrald.socket`: the API
-/// socket at `activated`, notifications to `notify`, a watchdog of `watchdog_ms`.
-fn start_activated(
-    dir: &Path,
-    listener: &UnixListener,
-    notify: &Path,
-    watchdog_ms: u64,
-) -> (Daemon, PathBuf) {
-    let unused = dir.join("own.sock");
-    let unused_arg = unused.to_str().unwrap().to_string();
-    let fd = listener.as_raw_fd();
-    let d = Daemon::spawn_custom(&config_long(""), &["--socket", &unused_arg], true, |c| {
-        c.env("LISTEN_FDS", "1")
-            .env("LISTEN_FDNAMES", "mistrald.socket")
-            .env("NOTIFY_SOCKET", notify)
-            .env("WATCHDOG_USEC", (watchdog_ms * 1000).to_string());
-        pass_as_fd3(c, fd);
-    });
-    (d, unused)
+/// A daemon started as systemd starts `mistrald.service` with `mistrald.socket`, and the
+/// "service manager" around it.
+struct Activated {
+    /// The daemon; its requests go to `activated`.
+    d: Daemon,
+    /// What it told the service manager.
+    notes: Notifications,
+    /// The listening socket the service manager made and passed as fd 3.
+    activated: PathBuf,
+    /// The socket the daemon's `--socket` names (it must not bind it).
+    own_socket: PathBuf,
+    _listener: UnixListener,
+    _dir: tempfile::TempDir,
 }
 
-#[test]
-fn service_manager_protocols_socket_activation_ready_watchdog_reload_stop() {
+/// Starts the daemon with its API socket inherited (LISTEN_FDS), notifications to a socket of
+/// the test's (NOTIFY_SOCKET) and a watchdog of `watchdog_ms`.
+fn start_activated(watchdog_ms: u64) -> Activated {
     let dir = tempfile::tempdir().unwrap();
     let activated = dir.path().join("activated.sock");
     let listener = UnixListener::bind(&activated).unwrap();
     let notify = dir.path().join("notify.sock");
-    let mut notes = Notifications::listen(&notify);
-    let watchdog = Duration::from_millis(2000);
-    let (mut d, own_socket) =
-        start_activated(dir.path(), &listener, &notify, watchdog.as_millis() as u64);
+    let notes = Notifications::listen(&notify);
+    let own_socket = dir.path().join("own.sock");
+    let own_arg = own_socket.to_str().unwrap().to_string();
+    let fd = listener.as_raw_fd();
+    let mut d = Daemon::spawn_custom(&config_long(""), &["--socket", &own_arg], true, |c| {
+        c.env("LISTEN_FDS", "1")
+            .env("LISTEN_FDNAMES", "mistrald.socket")
+            .env("NOTIFY_SOCKET", &notify)
+            .env("WATCHDOG_USEC", (watchdog_ms * 1000).to_string());
+        pass_as_fd3(c, fd);
+    });
     // Requests go to the socket the "service manager" made.
     d.socket = activated.clone();
+    Activated {
+        d,
+        notes,
+        activated,
+        own_socket,
+        _listener: listener,
+        _dir: dir,
+    }
+}
+
+#[test]
+fn service_manager_protocols_socket_activation_ready_watchdog_reload_stop() {
+    let watchdog = Duration::from_millis(2000);
+    // Every field bound: the listener and the directory must live as long as the daemon.
+    let Activated {
+        mut d,
+        mut notes,
+        activated,
+        own_socket,
+        _listener: listener,
+        _dir,
+    } = start_activated(watchdog.as_millis() as u64);
 
     // READY=1 comes once the model is loaded and the socket answers: the first request after
     // it must find the daemon ready, not loading (503).
@@ -272,13 +296,13 @@ fn service_manager_protocols_socket_activation_ready_watchdog_reload_stop() {
 
 #[test]
 fn watchdog_is_fed_while_idle_and_silent_without_one() {
-    let dir = tempfile::tempdir().unwrap();
-    let activated = dir.path().join("activated.sock");
-    let listener = UnixListener::bind(&activated).unwrap();
-    let notify = dir.path().join("notify.sock");
-    let mut notes = Notifications::listen(&notify);
-    let (mut d, _) = start_activated(dir.path(), &listener, &notify, 2000);
-    d.socket = activated;
+    let Activated {
+        mut d,
+        mut notes,
+        _listener,
+        _dir,
+        ..
+    } = start_activated(2000);
     notes.wait_for("READY=1", Duration::from_secs(60), &d);
     // Idle, the engine loop still wakes every half second and pings every 500 ms.
     let t0 = Instant::now();
