@@ -220,7 +220,7 @@ pub fn reserve_kv_memory(
 /// queries still see: ggml's GPU backends then run every step in the ring (the CPU path reads
 /// such history in place, or gathers it first).
 pub fn kv_shape(hp: &HParams, cfg: &EngineConfig, offloaded: bool) -> anyhow::Result<KvShape> {
-    let n_ctx = cfg.ctx_size.unwrap_or(hp.n_ctx_train.min(DEFAULT_MAX_CTX));
+    let n_ctx = context_length(hp, cfg);
     if n_ctx == 0 {
         bail!("context size must be at least 1");
     }
@@ -249,6 +249,12 @@ pub fn kv_shape(hp: &HParams, cfg: &EngineConfig, offloaded: bool) -> anyhow::Re
         window,
         kv_type: cfg.kv_type,
     })
+}
+
+/// The context length per sequence: the configured one, else the model's capped at
+/// [`DEFAULT_MAX_CTX`].
+fn context_length(hp: &HParams, cfg: &EngineConfig) -> usize {
+    cfg.ctx_size.unwrap_or(hp.n_ctx_train.min(DEFAULT_MAX_CTX))
 }
 
 /// Where step graphs run.
@@ -352,7 +358,7 @@ impl Engine {
             bail!("batch size must be at least 1");
         }
         let kv_shape = kv_shape(hp, &cfg, model.gpu().is_some())?;
-        let n_ctx = cfg.ctx_size.unwrap_or(hp.n_ctx_train.min(DEFAULT_MAX_CTX));
+        let n_ctx = context_length(hp, &cfg);
         let attention = match cfg.attention {
             AttentionChoice::Native if AttentionImpl::native_supports(hp, &kv_shape) => {
                 AttentionImpl::Native(Kernel::selected()?)

@@ -133,15 +133,18 @@ pub fn plan(g: &GgufFile, hp: &HParams, req: &GpuRequest) -> anyhow::Result<Opti
         },
     };
     let n_layer = hp.n_layer;
-    let layer_bytes = |l: usize| -> u64 {
-        let prefix = format!("blk.{l}.");
-        g.tensors
-            .iter()
-            .filter(|t| t.name.starts_with(&prefix))
-            .map(|t| t.size)
-            .sum::<u64>()
-            + req.kv_bytes_per_layer
-    };
+    // Bytes each block needs on the GPU: its tensors and its KV caches.
+    let layer_bytes: Vec<u64> = (0..n_layer)
+        .map(|l| {
+            let prefix = format!("blk.{l}.");
+            g.tensors
+                .iter()
+                .filter(|t| t.name.starts_with(&prefix))
+                .map(|t| t.size)
+                .sum::<u64>()
+                + req.kv_bytes_per_layer
+        })
+        .collect();
     let output_bytes: u64 = ["output.weight", "output_norm.weight"]
         .iter()
         .filter_map(|n| g.tensor(n))
@@ -159,15 +162,15 @@ pub fn plan(g: &GgufFile, hp: &HParams, req: &GpuRequest) -> anyhow::Result<Opti
         GpuLayers::Auto => {
             let (free, _) = device.memory();
             let budget = free.saturating_sub(headroom(free));
-            let all: u64 = (0..n_layer).map(layer_bytes).sum::<u64>() + output_bytes;
+            let all: u64 = layer_bytes.iter().sum::<u64>() + output_bytes;
             if all <= budget {
                 (0, true)
             } else {
                 // The last blocks first, as many as fit.
                 let mut used = 0;
                 let mut first = n_layer;
-                while first > 0 && used + layer_bytes(first - 1) <= budget {
-                    used += layer_bytes(first - 1);
+                while first > 0 && used + layer_bytes[first - 1] <= budget {
+                    used += layer_bytes[first - 1];
                     first -= 1;
                 }
                 if first == n_layer {
@@ -188,8 +191,8 @@ pub fn plan(g: &GgufFile, hp: &HParams, req: &GpuRequest) -> anyhow::Result<Opti
         output,
     };
     if req.layers != GpuLayers::Auto {
-        let need: u64 = (first_layer..n_layer).map(layer_bytes).sum::<u64>()
-            + if output { output_bytes } else { 0 };
+        let need: u64 =
+            layer_bytes[first_layer..].iter().sum::<u64>() + if output { output_bytes } else { 0 };
         let (free, _) = device.memory();
         if need > free {
             log::warn!(
