@@ -12,17 +12,9 @@
 AARCH64_TARGET=aarch64-unknown-linux-gnu
 AARCH64_SYSROOT=/usr/aarch64-linux-gnu
 
-aarch64_need_pkgs=()
-for pkg in gcc-aarch64-linux-gnu g++-aarch64-linux-gnu libc6-dev-arm64-cross qemu-user cmake clang libclang-dev; do
-    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || aarch64_need_pkgs+=("$pkg")
-done
-if [ ${#aarch64_need_pkgs[@]} -gt 0 ]; then
-    aarch64_sudo=""
-    [ "$(id -u)" -eq 0 ] || aarch64_sudo="sudo"
-    echo "aarch64-env: installing ${aarch64_need_pkgs[*]}" >&2
-    $aarch64_sudo apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $aarch64_sudo apt-get install -y -qq "${aarch64_need_pkgs[@]}" >/dev/null
-fi
+# shellcheck source=scripts/lib/apt-need.sh
+. scripts/lib/apt-need.sh
+apt_need aarch64-env gcc-aarch64-linux-gnu g++-aarch64-linux-gnu libc6-dev-arm64-cross qemu-user cmake clang libclang-dev
 rustup target list --installed | grep -qx "$AARCH64_TARGET" || rustup target add "$AARCH64_TARGET"
 
 # Cross toolchain for cc/cmake (C kernels, ggml) and the final link.

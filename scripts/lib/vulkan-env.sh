@@ -37,17 +37,9 @@ VULKAN_SDK_PREFIX="$PWD/target/vulkan-sdk"
 VULKAN_SDK_SUITE=trixie
 VULKAN_SDK_MIRROR=http://deb.debian.org/debian
 
-vulkan_need_pkgs=()
-for pkg in glslc libvulkan1 mesa-vulkan-drivers vulkan-tools debian-archive-keyring cmake build-essential clang libclang-dev; do
-    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || vulkan_need_pkgs+=("$pkg")
-done
-if [ ${#vulkan_need_pkgs[@]} -gt 0 ]; then
-    vulkan_sudo=""
-    [ "$(id -u)" -eq 0 ] || vulkan_sudo="sudo"
-    echo "vulkan-env: installing ${vulkan_need_pkgs[*]}" >&2
-    $vulkan_sudo apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $vulkan_sudo apt-get install -y -qq "${vulkan_need_pkgs[@]}" >/dev/null
-fi
+# shellcheck source=scripts/lib/apt-need.sh
+. scripts/lib/apt-need.sh
+apt_need vulkan-env glslc libvulkan1 mesa-vulkan-drivers vulkan-tools debian-archive-keyring cmake build-essential clang libclang-dev
 
 # The trixie headers, fetched once: the stamp is written after a complete unpack.
 if [ ! -f "$VULKAN_SDK_PREFIX/.unpacked" ]; then
