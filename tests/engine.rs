@@ -6,7 +6,7 @@ mod common;
 
 use common::reference::Reference;
 use common::*;
-use mistrald::engine::{AttentionChoice, BatchItem, Logits};
+use mistrald::engine::{AttentionChoice, Logits};
 use mistrald::ggml::GgmlType;
 use mistrald::kv_cache::KvType;
 
@@ -109,38 +109,7 @@ fn chunked_token_by_token_and_batched_steps_agree() {
     }
     assert!(max_abs_diff(&chunked, &single) < 1e-4);
     // two sequences interleaved in the same steps, with different chunk sizes
-    let mut a = eng.new_sequence().unwrap();
-    let mut b = eng.new_sequence().unwrap();
-    let (mut out_a, mut out_b) = (Vec::new(), Vec::new());
-    let (mut ia, mut ib) = (0, 0);
-    while ia < toks_a.len() || ib < toks_b.len() {
-        let na = (toks_a.len() - ia).min(3);
-        let nb = (toks_b.len() - ib).min(1);
-        let mut items = Vec::new();
-        if na > 0 {
-            items.push(BatchItem {
-                seq: &mut a,
-                tokens: &toks_a[ia..ia + na],
-                logits: Logits::All,
-            });
-        }
-        if nb > 0 {
-            items.push(BatchItem {
-                seq: &mut b,
-                tokens: &toks_b[ib..ib + nb],
-                logits: Logits::All,
-            });
-        }
-        let mut res = eng.step(&mut items).unwrap().into_iter();
-        if na > 0 {
-            out_a.extend(res.next().unwrap());
-        }
-        if nb > 0 {
-            out_b.extend(res.next().unwrap());
-        }
-        ia += na;
-        ib += nb;
-    }
+    let (out_a, out_b) = interleave(&mut eng, &toks_a, &toks_b, |_| 3, |_| 1);
     assert!(max_abs_diff(&out_a, &chunked) < 1e-4);
     let mut s = eng.new_sequence().unwrap();
     let alone_b = eng.feed(&mut s, &toks_b, Logits::All).unwrap();

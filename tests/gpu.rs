@@ -10,7 +10,7 @@
 mod common;
 
 use common::*;
-use mistrald::engine::{AttentionChoice, BatchItem, Engine, EngineConfig, Logits};
+use mistrald::engine::{AttentionChoice, Engine, EngineConfig};
 use mistrald::ggml::{Device, GgmlType};
 use mistrald::kv_cache::KvType;
 use mistrald::model::offload::{GpuLayers, GpuRequest};
@@ -50,42 +50,14 @@ fn engine(path: &Path, layers: GpuLayers, kv: KvType, window: Option<usize>) -> 
 /// Logits of: a 30-token prompt in chunks of 7, then 10 tokens decoded one by one, while a
 /// second sequence prefills and decodes in the same steps.
 fn run(eng: &mut Engine) -> (Vec<f32>, Vec<f32>) {
-    let (a, b) = (tokens(40, 3), tokens(40, 4));
-    let mut sa = eng.new_sequence().unwrap();
-    let mut sb = eng.new_sequence().unwrap();
-    let (mut la, mut lb) = (Vec::new(), Vec::new());
-    let (mut ia, mut ib) = (0, 0);
-    while ia < a.len() || ib < b.len() {
-        // a: chunks of 7 up to 30, then single tokens; b: single tokens, then chunks of 5.
-        let na = if ia < 30 { 7.min(30 - ia) } else { 1 }.min(a.len() - ia);
-        let nb = if ib < 10 { 1 } else { 5 }.min(b.len() - ib);
-        let mut items = Vec::new();
-        if na > 0 {
-            items.push(BatchItem {
-                seq: &mut sa,
-                tokens: &a[ia..ia + na],
-                logits: Logits::All,
-            });
-        }
-        if nb > 0 {
-            items.push(BatchItem {
-                seq: &mut sb,
-                tokens: &b[ib..ib + nb],
-                logits: Logits::All,
-            });
-        }
-        let out = eng.step(&mut items).unwrap();
-        let mut out = out.into_iter();
-        if na > 0 {
-            la.extend(out.next().unwrap());
-        }
-        if nb > 0 {
-            lb.extend(out.next().unwrap());
-        }
-        ia += na;
-        ib += nb;
-    }
-    (la, lb)
+    // a: chunks of 7 up to 30, then single tokens; b: single tokens, then chunks of 5.
+    interleave(
+        eng,
+        &tokens(40, 3),
+        &tokens(40, 4),
+        |done| if done < 30 { 7.min(30 - done) } else { 1 },
+        |done| if done < 10 { 1 } else { 5 },
+    )
 }
 
 #[test]

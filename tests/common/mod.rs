@@ -9,7 +9,7 @@ pub mod dbus;
 pub mod plugins;
 pub mod reference;
 
-use mistrald::engine::{AttentionChoice, Engine, EngineConfig};
+use mistrald::engine::{AttentionChoice, BatchItem, Engine, EngineConfig, Logits};
 use mistrald::ggml::GgmlType;
 use mistrald::kv_cache::KvType;
 use mistrald::model::synthetic::{write_synthetic_model, SyntheticSpec};
@@ -61,6 +61,51 @@ pub fn engine_with(
         batch_size: batch,
     };
     Engine::new(model, cfg).unwrap()
+}
+
+/// Feeds `a` and `b` to two new sequences of `eng` in the same steps, `chunk_a(done)` and
+/// `chunk_b(done)` tokens at a time (`done`: tokens of that sequence fed so far; the last chunk
+/// is cut to what remains); returns every token's logits of each.
+pub fn interleave(
+    eng: &mut Engine,
+    a: &[u32],
+    b: &[u32],
+    chunk_a: impl Fn(usize) -> usize,
+    chunk_b: impl Fn(usize) -> usize,
+) -> (Vec<f32>, Vec<f32>) {
+    let mut sa = eng.new_sequence().unwrap();
+    let mut sb = eng.new_sequence().unwrap();
+    let (mut out_a, mut out_b) = (Vec::new(), Vec::new());
+    let (mut ia, mut ib) = (0, 0);
+    while ia < a.len() || ib < b.len() {
+        let na = chunk_a(ia).min(a.len() - ia);
+        let nb = chunk_b(ib).min(b.len() - ib);
+        let mut items = Vec::new();
+        if na > 0 {
+            items.push(BatchItem {
+                seq: &mut sa,
+                tokens: &a[ia..ia + na],
+                logits: Logits::All,
+            });
+        }
+        if nb > 0 {
+            items.push(BatchItem {
+                seq: &mut sb,
+                tokens: &b[ib..ib + nb],
+                logits: Logits::All,
+            });
+        }
+        let mut res = eng.step(&mut items).unwrap().into_iter();
+        if na > 0 {
+            out_a.extend(res.next().unwrap());
+        }
+        if nb > 0 {
+            out_b.extend(res.next().unwrap());
+        }
+        ia += na;
+        ib += nb;
+    }
+    (out_a, out_b)
 }
 
 /// A deterministic token sequence of length `n` drawn from the ordinary vocabulary.
