@@ -322,7 +322,7 @@ async fn serve(startup: Startup) -> anyhow::Result<()> {
         }
         if !idle(&scheduler) {
             log::warn!(
-                "ending the requests still running after the {:.0} s grace period",
+                "ending the requests still running after the {} s grace period",
                 grace.as_secs_f64()
             );
         }

@@ -201,6 +201,9 @@ fn only_the_owner_cancels_and_callers_that_leave_have_their_requests_cancelled()
         let mut dones = owner.receive_done().await.unwrap();
         let id = owner.generate("Never", long()).await.unwrap();
         tokens.next().await.unwrap();
+        // A stream nobody reads stalls the connection once 64 signals wait in it (zbus applies
+        // back-pressure), and with it the replies below.
+        drop(tokens);
 
         // Another connection may not cancel it; an unknown id is NotFound.
         let (name, message) = method_error(other.cancel(id).await);
@@ -365,6 +368,9 @@ fn sigterm_ends_dbus_streams_with_a_done_and_releases_the_name() {
             .await
             .unwrap_or_else(|_| panic!("no Token signal in {limit:?}:\n{}", d.log_text()))
             .unwrap();
+        // Unread, the Token stream would stall the connection (and the Done behind it) once 64
+        // signals wait in it.
+        drop(tokens);
         d.signal(libc::SIGTERM);
         let done = tokio::time::timeout(limit, dones.next())
             .await
