@@ -135,6 +135,7 @@ impl Device {
 
     /// The device's own memory, where weights and caches placed on it live.
     pub fn buffer_type(&self) -> BufferType {
+        let _first_use = DEVICE_INIT.lock().unwrap_or_else(|e| e.into_inner());
         BufferType {
             buft: unsafe { sys::ggml_backend_dev_buffer_type(self.dev) },
         }
@@ -142,6 +143,7 @@ impl Device {
 
     /// Starts a backend (a compute stream) on the device.
     pub fn start(&self) -> anyhow::Result<GpuBackend> {
+        let _first_use = DEVICE_INIT.lock().unwrap_or_else(|e| e.into_inner());
         let ptr = NonNull::new(unsafe { sys::ggml_backend_dev_init(self.dev, std::ptr::null()) })
             .ok_or_else(|| {
             anyhow::anyhow!("failed to initialize the ggml backend of {}", self.name())
@@ -149,6 +151,12 @@ impl Device {
         Ok(GpuBackend { ptr, device: *self })
     }
 }
+
+/// Held while a device's buffer type is fetched or a backend started: ggml's Vulkan backend
+/// creates its device object on the first of these calls and publishes it before it is built,
+/// so a second thread arriving meanwhile would use a half-made device (a crash seen with two
+/// engines loading at once). Every other use of a device comes after one of these calls.
+static DEVICE_INIT: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 /// Why there is no GPU: the build has no GPU backend, or the backend found no device.
 pub fn no_gpu_reason() -> &'static str {
