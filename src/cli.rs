@@ -330,7 +330,9 @@ struct MakeModelArgs {
     /// Shape: tiny (tests), small (~60M parameters, demos), 7b (Mistral 7B's shape).
     #[arg(long, default_value = "small")]
     preset: String,
-    /// Weight type: f32, f16, q8_0, q4_0, q4_1, q5_0, q5_1, q4_k, q5_k, q6_k.
+    /// Weight type: f32, f16, q8_0, q4_0, q4_1, q5_0, q5_1, q4_k, q5_k, q6_k, or the mixes
+    /// q4_k_m and q5_k_m (Q6_K for the output matrix and, in the first and last eighth of the
+    /// blocks and every third between, attn_v and ffn_down; as llama.cpp's files).
     #[arg(long = "type", default_value = "q8_0")]
     weight_type: String,
     /// Override the number of layers.
@@ -684,7 +686,13 @@ fn cmd_info(a: InfoArgs) -> anyhow::Result<()> {
 }
 
 fn cmd_make_model(a: MakeModelArgs) -> anyhow::Result<()> {
-    let ty = GgmlType::parse(&a.weight_type)
+    let name = a.weight_type.to_ascii_lowercase();
+    let (base, more_bits_type) = match name.as_str() {
+        "q4_k_m" => ("q4_k", Some(GgmlType::Q6K)),
+        "q5_k_m" => ("q5_k", Some(GgmlType::Q6K)),
+        t => (t, None),
+    };
+    let ty = GgmlType::parse(base)
         .with_context(|| format!("unknown weight type '{}'", a.weight_type))?;
     let mut spec = match a.preset.as_str() {
         "tiny" => SyntheticSpec::tiny(ty),
@@ -699,6 +707,7 @@ fn cmd_make_model(a: MakeModelArgs) -> anyhow::Result<()> {
         spec.sliding_window = a.sliding_window;
     }
     spec.seed = a.seed;
+    spec.more_bits_type = more_bits_type;
     if ty.block_size() > 1
         && (spec.n_embd % ty.block_size() != 0 || spec.n_ff % ty.block_size() != 0)
     {
@@ -712,10 +721,11 @@ fn cmd_make_model(a: MakeModelArgs) -> anyhow::Result<()> {
     let t0 = Instant::now();
     write_synthetic_model(Path::new(&a.out), &spec)?;
     eprintln!(
-        "wrote {} ({} layers, width {}, {ty}) in {:.1} s",
+        "wrote {} ({} layers, width {}, {}) in {:.1} s",
         a.out.display(),
         spec.n_layer,
         spec.n_embd,
+        a.weight_type,
         t0.elapsed().as_secs_f64()
     );
     Ok(())

@@ -35,6 +35,9 @@ pub struct SyntheticSpec {
     pub weight_type: GgmlType,
     /// Type of the token embeddings.
     pub embd_type: GgmlType,
+    /// `Some`: a `_M` mix like llama.cpp's Q4_K_M — this type for the output matrix and for
+    /// `attn_v` and `ffn_down` in the blocks [`more_bits`] picks, `weight_type` elsewhere.
+    pub more_bits_type: Option<GgmlType>,
     /// Seed of the weights.
     pub seed: u64,
     /// `general.architecture`.
@@ -54,6 +57,7 @@ impl SyntheticSpec {
             sliding_window: None,
             weight_type,
             embd_type: weight_type,
+            more_bits_type: None,
             seed: 42,
             arch: "llama".into(),
         }
@@ -71,6 +75,7 @@ impl SyntheticSpec {
             sliding_window: None,
             weight_type,
             embd_type: weight_type,
+            more_bits_type: None,
             seed: 7,
             arch: "llama".into(),
         }
@@ -88,6 +93,7 @@ impl SyntheticSpec {
             sliding_window: Some(4096),
             weight_type,
             embd_type: weight_type,
+            more_bits_type: None,
             seed: 1,
             arch: "llama".into(),
         }
@@ -122,6 +128,12 @@ fn tensor_values(seed: u64, index: usize, name: &str, n: usize, std: f32) -> Vec
     }
 }
 
+/// Whether block `i` of `n` gets the `_M` mixes' extra bits in `attn_v` and `ffn_down`: the
+/// first and last eighth of the blocks and every third block between them (llama.cpp's rule).
+pub fn more_bits(i: usize, n: usize) -> bool {
+    i < n / 8 || i >= 7 * n / 8 || (i >= n / 8 && (i - n / 8) % 3 == 2)
+}
+
 /// One tensor of a model file: name, type, dimensions (innermost first).
 pub type TensorDecl = (String, GgmlType, Vec<i64>);
 
@@ -143,7 +155,7 @@ pub fn synthetic_tensors(spec: &SyntheticSpec) -> Vec<TensorDecl> {
         ),
         (
             "output.weight".into(),
-            spec.weight_type,
+            spec.more_bits_type.unwrap_or(spec.weight_type),
             vec![spec.n_embd as i64, n_vocab as i64],
         ),
     ];
@@ -155,16 +167,20 @@ pub fn synthetic_tensors(spec: &SyntheticSpec) -> Vec<TensorDecl> {
     );
     for i in 0..spec.n_layer {
         let t = spec.weight_type;
+        let more = match spec.more_bits_type {
+            Some(m) if more_bits(i, spec.n_layer) => m,
+            _ => t,
+        };
         for (name, ty, ne) in [
             ("attn_norm", GgmlType::F32, vec![e]),
             ("attn_q", t, vec![e, q]),
             ("attn_k", t, vec![e, kv]),
-            ("attn_v", t, vec![e, kv]),
+            ("attn_v", more, vec![e, kv]),
             ("attn_output", t, vec![q, e]),
             ("ffn_norm", GgmlType::F32, vec![e]),
             ("ffn_gate", t, vec![e, ff]),
             ("ffn_up", t, vec![e, ff]),
-            ("ffn_down", t, vec![ff, e]),
+            ("ffn_down", more, vec![ff, e]),
         ] {
             tensors.push((format!("blk.{i}.{name}.weight"), ty, ne));
         }
@@ -283,4 +299,32 @@ fn quantize_parallel(ty: GgmlType, values: &[f32], row: usize) -> anyhow::Result
         out.extend(p?);
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    #[test]
+    fn the_m_mix_gives_half_of_mistral_7bs_blocks_more_bits() {
+        let picked: Vec<usize> = (0..32).filter(|&i| more_bits(i, 32)).collect();
+        assert_eq!(
+            picked,
+            [0, 1, 2, 3, 6, 9, 12, 15, 18, 21, 24, 27, 28, 29, 30, 31]
+        );
+        let mut spec = SyntheticSpec::mistral_7b(GgmlType::Q4K);
+        spec.more_bits_type = Some(GgmlType::Q6K);
+        let types: HashMap<String, GgmlType> = synthetic_tensors(&spec)
+            .into_iter()
+            .map(|(name, ty, _)| (name, ty))
+            .collect();
+        assert_eq!(types["output.weight"], GgmlType::Q6K);
+        assert_eq!(types["token_embd.weight"], GgmlType::Q4K);
+        assert_eq!(types["blk.6.ffn_down.weight"], GgmlType::Q6K);
+        assert_eq!(types["blk.6.attn_v.weight"], GgmlType::Q6K);
+        assert_eq!(types["blk.7.ffn_down.weight"], GgmlType::Q4K);
+        assert_eq!(types["blk.6.attn_q.weight"], GgmlType::Q4K);
+        assert_eq!(types["blk.31.ffn_gate.weight"], GgmlType::Q4K);
+    }
 }
