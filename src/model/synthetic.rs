@@ -131,7 +131,8 @@ fn tensor_values(seed: u64, index: usize, name: &str, n: usize, std: f32) -> Vec
 /// Whether block `i` of `n` gets the `_M` mixes' extra bits in `attn_v` and `ffn_down`: the
 /// first and last eighth of the blocks and every third block between them (llama.cpp's rule).
 pub fn more_bits(i: usize, n: usize) -> bool {
-    i < n / 8 || i >= 7 * n / 8 || (i >= n / 8 && (i - n / 8) % 3 == 2)
+    // (Past the first clause i >= n / 8, so the subtraction cannot underflow.)
+    i < n / 8 || i >= 7 * n / 8 || (i - n / 8) % 3 == 2
 }
 
 /// One tensor of a model file: name, type, dimensions (innermost first).
