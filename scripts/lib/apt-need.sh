@@ -1,7 +1,8 @@
 # shellcheck shell=bash
 # apt_need LABEL PACKAGE...: installs those of the Debian packages that are not installed yet
 # (one `apt-get update` and one `apt-get install`, through sudo unless root), saying which on
-# stderr under LABEL. Sourced by the scripts/lib/*-env.sh files.
+# stderr under LABEL. Sourced by every script that installs packages (install-deps, test-deb,
+# build-deb, the scripts/lib/*-env.sh files).
 apt_need() {
     local label=$1
     shift
