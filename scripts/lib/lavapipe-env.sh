@@ -16,7 +16,6 @@
 # Vulkan0; vulkan-env.sh sets GGML_VK_VISIBLE_DEVICES=0 so that ggml uses a CPU device).
 
 LAVAPIPE_PREFIX="$PWD/target/vulkan-sdk/lavapipe"
-LAVAPIPE_MIRROR=http://deb.debian.org/debian
 
 lavapipe_system_manifest() {
     local m
@@ -41,28 +40,15 @@ else
     fi
     # Fetched once: the stamp is written after a complete unpack.
     if [ ! -f "$LAVAPIPE_PREFIX/.unpacked" ]; then
-        echo "lavapipe-env: fetching mesa-vulkan-drivers from bookworm-backports into $LAVAPIPE_PREFIX" >&2
         rm -rf "$LAVAPIPE_PREFIX"
-        mkdir -p "$LAVAPIPE_PREFIX/apt/lists/partial" "$LAVAPIPE_PREFIX/apt/cache/archives/partial" "$LAVAPIPE_PREFIX/debs"
-        echo "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] $LAVAPIPE_MIRROR bookworm-backports main" \
-            >"$LAVAPIPE_PREFIX/apt/sources.list"
-        lavapipe_apt=(apt-get -qq
-            -o Dir::Etc::SourceList="$LAVAPIPE_PREFIX/apt/sources.list"
-            -o Dir::Etc::SourceParts=/dev/null
-            -o Dir::State::Lists="$LAVAPIPE_PREFIX/apt/lists"
-            -o Dir::Cache="$LAVAPIPE_PREFIX/apt/cache"
-            -o APT::Sandbox::User="$(id -un)")
-        "${lavapipe_apt[@]}" update
-        (cd "$LAVAPIPE_PREFIX/debs" && "${lavapipe_apt[@]}" download mesa-vulkan-drivers)
-        dpkg -x "$LAVAPIPE_PREFIX"/debs/mesa-vulkan-drivers_*.deb "$LAVAPIPE_PREFIX/root"
-        lib=$(find "$LAVAPIPE_PREFIX/root" -name libvulkan_lvp.so | head -n 1)
-        manifest=$(find "$LAVAPIPE_PREFIX/root" -name 'lvp_icd*.json' | head -n 1)
+        apt_unpack lavapipe-env "$LAVAPIPE_PREFIX" bookworm-backports mesa-vulkan-drivers
+        lib=$(find "$LAVAPIPE_PREFIX/usr" -name libvulkan_lvp.so | head -n 1)
+        manifest=$(find "$LAVAPIPE_PREFIX/usr" -name 'lvp_icd*.json' | head -n 1)
         [ -n "$lib" ] && [ -n "$manifest" ] || {
             echo "lavapipe-env: no lavapipe in the fetched mesa-vulkan-drivers" >&2
             exit 1
         }
         sed "s#\"library_path\": *\"[^\"]*\"#\"library_path\": \"$lib\"#" "$manifest" >"$LAVAPIPE_PREFIX/lvp_icd.json"
-        rm -rf "$LAVAPIPE_PREFIX/apt/lists" "$LAVAPIPE_PREFIX/apt/cache"
         touch "$LAVAPIPE_PREFIX/.unpacked"
     fi
     VK_ICD_FILENAMES="$LAVAPIPE_PREFIX/lvp_icd.json"

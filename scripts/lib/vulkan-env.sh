@@ -32,10 +32,8 @@
 #               Only set if unset, so a machine with a GPU can pick its own.
 
 VULKAN_SDK_PREFIX="$PWD/target/vulkan-sdk"
-# The suite and mirror the headers come from; the packages are recorded in
-# $VULKAN_SDK_PREFIX/debs/.
+# The suite the headers come from; the packages are recorded in $VULKAN_SDK_PREFIX/debs/.
 VULKAN_SDK_SUITE=trixie
-VULKAN_SDK_MIRROR=http://deb.debian.org/debian
 
 # shellcheck source=scripts/lib/apt-need.sh
 . scripts/lib/apt-need.sh
@@ -43,30 +41,12 @@ apt_need vulkan-env glslc libvulkan1 mesa-vulkan-drivers vulkan-tools debian-arc
 
 # The trixie headers, fetched once: the stamp is written after a complete unpack.
 if [ ! -f "$VULKAN_SDK_PREFIX/.unpacked" ]; then
-    echo "vulkan-env: fetching libvulkan-dev and spirv-headers from $VULKAN_SDK_SUITE into $VULKAN_SDK_PREFIX" >&2
     rm -rf "$VULKAN_SDK_PREFIX"
-    mkdir -p "$VULKAN_SDK_PREFIX/apt/lists/partial" "$VULKAN_SDK_PREFIX/apt/cache/archives/partial" "$VULKAN_SDK_PREFIX/debs"
-    echo "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] $VULKAN_SDK_MIRROR $VULKAN_SDK_SUITE main" \
-        >"$VULKAN_SDK_PREFIX/apt/sources.list"
-    # Only this sources list, lists and caches under the prefix; the system's
-    # apt.conf.d (proxies) still applies. Not sandboxed as _apt: the files go
-    # to a directory of the invoking user's.
-    vulkan_apt=(apt-get -qq
-        -o Dir::Etc::SourceList="$VULKAN_SDK_PREFIX/apt/sources.list"
-        -o Dir::Etc::SourceParts=/dev/null
-        -o Dir::State::Lists="$VULKAN_SDK_PREFIX/apt/lists"
-        -o Dir::Cache="$VULKAN_SDK_PREFIX/apt/cache"
-        -o APT::Sandbox::User="$(id -un)")
-    "${vulkan_apt[@]}" update
-    (cd "$VULKAN_SDK_PREFIX/debs" && "${vulkan_apt[@]}" download libvulkan-dev spirv-headers)
-    for deb in "$VULKAN_SDK_PREFIX"/debs/*.deb; do
-        dpkg -x "$deb" "$VULKAN_SDK_PREFIX"
-    done
+    apt_unpack vulkan-env "$VULKAN_SDK_PREFIX" "$VULKAN_SDK_SUITE" libvulkan-dev spirv-headers
     # The loader's development link, to the system's (Debian 12) loader; the
     # package's own libvulkan.so, under usr/lib/<multiarch>/, is a relative
     # link that dangles here.
     ln -sfn "/usr/lib/$(gcc -print-multiarch)/libvulkan.so.1" "$VULKAN_SDK_PREFIX/usr/lib/libvulkan.so"
-    rm -rf "$VULKAN_SDK_PREFIX/apt/lists" "$VULKAN_SDK_PREFIX/apt/cache"
     touch "$VULKAN_SDK_PREFIX/.unpacked"
 fi
 
