@@ -16,7 +16,7 @@ use anyhow::{bail, Context as _};
 use clap::{Args, Parser, Subcommand};
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// mistrald: Mistral-architecture language models on Linux edge boards.
 #[derive(Parser, Debug)]
@@ -311,6 +311,15 @@ struct BenchArgs {
     /// Tokens to decode one at a time after the prompt.
     #[arg(long, default_value_t = 32)]
     gen_tokens: usize,
+    /// Also sample the memory read bandwidth with the same threads while decoding (before the
+    /// first token, then every 8 tokens and at the end; each sample half a second, untimed),
+    /// and state decode's reads of weights as a fraction of it: decode's bound, measured at
+    /// the time of the run. The peak RSS reported is then read before the buffer is allocated.
+    #[arg(long)]
+    bandwidth: bool,
+    /// MiB that `--bandwidth` reads per pass (several times the CPU's last-level cache).
+    #[arg(long, default_value_t = 128, value_parser = clap::value_parser!(u64).range(1..=65536))]
+    bandwidth_mib: u64,
     /// Print a JSON object.
     #[arg(long)]
     json: bool,
@@ -553,45 +562,131 @@ fn bench_tokens(n: usize) -> Vec<u32> {
     (0..n).map(|i| ((i * 37) % 31000 + 3) as u32).collect()
 }
 
+/// Decoded tokens between two samples of `mistrald bench --bandwidth`.
+const BANDWIDTH_EVERY: usize = 8;
+
+/// One read-bandwidth sample for `mistrald bench --bandwidth`, in GB/s. The engine's ggml
+/// workers busy-poll for work for a while after each step; the pause lets them go to sleep
+/// first, so that they do not compete with the probe's threads for the cores.
+fn bandwidth_sample(probe: &crate::kernels::bandwidth::ReadProbe) -> f64 {
+    std::thread::sleep(Duration::from_millis(250));
+    probe.measure(Duration::from_millis(200)).median_gbs
+}
+
 fn cmd_bench(a: BenchArgs) -> anyhow::Result<()> {
-    let (mut engine, _tok) = a.model.load()?;
     if a.prompt_tokens == 0 {
         bail!("--prompt-tokens must be at least 1");
     }
+    let (mut engine, _tok) = a.model.load()?;
+    let n_threads = engine.config().n_threads;
     let mut seq = engine.new_sequence()?;
     let prompt = bench_tokens(a.prompt_tokens);
     let t0 = Instant::now();
     engine.feed(&mut seq, &prompt, Logits::Last)?;
     let prefill = t0.elapsed().as_secs_f64();
+    // Before the bandwidth probe's buffer exists.
+    let mut rss = peak_rss_bytes();
+    let probe = a
+        .bandwidth
+        .then(|| {
+            crate::kernels::bandwidth::ReadProbe::new(n_threads, (a.bandwidth_mib << 20) as usize)
+        })
+        .transpose()?;
+    // Bandwidth samples, and the decode time and tokens of each interval between two.
+    let mut read_gbs = Vec::new();
+    let mut intervals: Vec<(Duration, usize)> = Vec::new();
     let mut cur = 100u32;
-    let t1 = Instant::now();
-    for _ in 0..a.gen_tokens {
+    let mut decode = Duration::ZERO;
+    for i in 0..a.gen_tokens {
+        if let Some(p) = probe.as_ref().filter(|_| i % BANDWIDTH_EVERY == 0) {
+            read_gbs.push(bandwidth_sample(p));
+            intervals.push((Duration::ZERO, 0));
+        }
+        let t = Instant::now();
         engine.feed(&mut seq, &[cur], Logits::Last)?;
+        let took = t.elapsed();
+        decode += took;
+        if let Some(last) = intervals.last_mut() {
+            last.0 += took;
+            last.1 += 1;
+        }
         cur = (cur * 7 + 11) % 31000 + 3;
     }
-    let decode = t1.elapsed().as_secs_f64();
+    if let Some(p) = &probe {
+        read_gbs.push(bandwidth_sample(p));
+    } else {
+        rss = peak_rss_bytes();
+    }
     let prefill_tok_s = a.prompt_tokens as f64 / prefill;
     let decode_tok_s = if a.gen_tokens > 0 {
-        a.gen_tokens as f64 / decode
+        a.gen_tokens as f64 / decode.as_secs_f64()
     } else {
         0.0
     };
-    let rss = peak_rss_bytes();
+    // Every weight matrix is read once per decoded token; of the token embeddings one row.
+    let decode_read_bytes: u64 = engine
+        .model()
+        .gguf()
+        .tensors
+        .iter()
+        .filter(|t| t.name != "token_embd.weight")
+        .map(|t| t.size)
+        .sum();
+    let decode_read_gbs = decode_tok_s * decode_read_bytes as f64 / 1e9;
+    let kv_bytes = seq.cache().bytes();
+    // (mean, lowest, highest) of the samples, and the median over the intervals of decode's
+    // reads in the interval against the mean of the samples at its ends: the bandwidth moves
+    // within seconds on shared machines, so each stretch of decoding is set against what the
+    // memory delivered just before and after it.
+    let bound = (!read_gbs.is_empty()).then(|| {
+        let mean = read_gbs.iter().sum::<f64>() / read_gbs.len() as f64;
+        let lo = read_gbs.iter().copied().fold(f64::INFINITY, f64::min);
+        let hi = read_gbs.iter().copied().fold(0.0, f64::max);
+        let mut fractions: Vec<f64> = intervals
+            .iter()
+            .zip(read_gbs.windows(2))
+            .filter(|((t, n), _)| *n > 0 && !t.is_zero())
+            .map(|((t, n), ends)| {
+                let gbs = *n as f64 * decode_read_bytes as f64 / t.as_secs_f64() / 1e9;
+                gbs / ((ends[0] + ends[1]) / 2.0)
+            })
+            .collect();
+        fractions.sort_by(f64::total_cmp);
+        let median = fractions.get(fractions.len() / 2).copied().unwrap_or(0.0);
+        (mean, lo, hi, median)
+    });
     if a.json {
-        println!(
-            "{}",
-            serde_json::json!({ "prefill_tok_s": prefill_tok_s, "decode_tok_s": decode_tok_s, "peak_rss_bytes": rss, "kv_cache_bytes": seq.cache().bytes(), "threads": engine.config().n_threads })
-        );
+        let mut out = serde_json::json!({ "prefill_tok_s": prefill_tok_s, "decode_tok_s": decode_tok_s, "peak_rss_bytes": rss, "kv_cache_bytes": kv_bytes, "threads": n_threads, "decode_read_bytes": decode_read_bytes, "decode_read_gbs": decode_read_gbs });
+        if let Some((mean, lo, hi, median)) = bound {
+            out["read_gbs"] = mean.into();
+            out["read_gbs_min"] = lo.into();
+            out["read_gbs_max"] = hi.into();
+            out["read_samples"] = read_gbs.len().into();
+            out["decode_bound_fraction"] = (decode_read_gbs / mean).into();
+            out["decode_bound_fraction_median"] = median.into();
+        }
+        println!("{out}");
     } else {
         println!(
             "prefill: {} tokens, {prefill_tok_s:.2} tok/s",
             a.prompt_tokens
         );
-        println!("decode:  {} tokens, {decode_tok_s:.2} tok/s", a.gen_tokens);
+        println!(
+            "decode:  {} tokens, {decode_tok_s:.2} tok/s ({decode_read_gbs:.1} GB/s of weights)",
+            a.gen_tokens
+        );
+        if let Some((mean, lo, hi, median)) = bound {
+            println!(
+                "memory:  read bandwidth {mean:.1} GB/s ({lo:.1} to {hi:.1} in {} samples, {n_threads} threads); decode at {:.0}% of it (median of the intervals between samples: {:.0}%)",
+                read_gbs.len(),
+                100.0 * decode_read_gbs / mean,
+                100.0 * median
+            );
+        }
         println!(
             "peak RSS: {:.1} MiB, KV cache: {:.1} MiB",
             rss as f64 / 1048576.0,
-            seq.cache().bytes() as f64 / 1048576.0
+            kv_bytes as f64 / 1048576.0
         );
     }
     Ok(())

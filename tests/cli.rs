@@ -119,11 +119,37 @@ fn bench_and_info_report() {
         "--threads",
         "1",
         "--json",
+        "--bandwidth",
+        "--bandwidth-mib",
+        "8",
     ]));
     let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
-    for key in ["prefill_tok_s", "decode_tok_s", "peak_rss_bytes"] {
+    for key in [
+        "prefill_tok_s",
+        "decode_tok_s",
+        "peak_rss_bytes",
+        "read_gbs",
+        "read_gbs_min",
+        "read_gbs_max",
+        "decode_read_gbs",
+        "decode_bound_fraction",
+        "decode_bound_fraction_median",
+    ] {
         assert!(v[key].as_f64().unwrap() > 0.0, "{key} in {out}");
     }
+    // 4 tokens: a sample before the first and one at the end.
+    assert_eq!(v["read_samples"], 2, "{out}");
+    // Decode reads every tensor of the file but the token embeddings.
+    let bytes = std::fs::read(&model).unwrap();
+    let info = mistrald::ggml::gguf::GgufFile::parse(&bytes, &model).unwrap();
+    let expected: u64 = info
+        .tensors
+        .iter()
+        .filter(|t| t.name != "token_embd.weight")
+        .map(|t| t.size)
+        .sum();
+    assert!(expected > 0 && expected < bytes.len() as u64);
+    assert_eq!(v["decode_read_bytes"].as_u64().unwrap(), expected, "{out}");
     let out = stdout(&mistrald(&[
         "info",
         "--model",

@@ -324,7 +324,7 @@ pub fn prefetch_distance() -> usize {
 /// marked for transparent huge pages (`MADV_HUGEPAGE`: where THP is `madvise`-only, as on many
 /// distributions, streaming gigabytes of weights through 4 KiB pages costs a TLB miss every
 /// 4 KiB); their pages are zero until written. Small ones come from the allocator.
-struct Aligned {
+pub(crate) struct Aligned {
     ptr: std::ptr::NonNull<u8>,
     len: usize,
     /// Bytes mapped (0: allocated from the heap).
@@ -345,7 +345,7 @@ impl Aligned {
             .expect("size checked by the caller")
     }
 
-    fn zeroed(len: usize) -> Aligned {
+    pub(crate) fn zeroed(len: usize) -> Aligned {
         if len >= HUGE_MIN {
             if let Some(a) = Self::mapped(len) {
                 return a;
@@ -403,10 +403,10 @@ impl Aligned {
     fn as_ptr(&self) -> *const u8 {
         self.ptr.as_ptr()
     }
-    fn as_mut_ptr(&mut self) -> *mut u8 {
+    pub(crate) fn as_mut_ptr(&mut self) -> *mut u8 {
         self.ptr.as_ptr()
     }
-    fn bytes(&self) -> &[u8] {
+    pub(crate) fn bytes(&self) -> &[u8] {
         // SAFETY: `len` initialised (zeroed, then written) bytes.
         unsafe { std::slice::from_raw_parts(self.as_ptr(), self.len) }
     }

@@ -11,6 +11,7 @@
 //! * [`Kernel::run_raw`]: the raw entry for the ggml custom op, which calls it
 //!   from each of its worker threads with `ith`/`nth`.
 
+pub mod bandwidth;
 pub mod bench;
 pub mod ffi;
 pub mod ggml_bench;

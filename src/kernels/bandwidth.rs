@@ -1,0 +1,198 @@
+//! The machine's memory read bandwidth: the bound of decoding, which reads every weight matrix
+//! once per token.
+//!
+//! A [`ReadProbe`] streams a buffer far larger than the CPU's caches with the engine's thread
+//! count, each thread reading its contiguous share in address order (as the matrix kernels
+//! read theirs), and reports the median and best rate. `mistrald bench --bandwidth` samples it
+//! between decoded tokens, so decode speed can be stated as a fraction of what the memory
+//! delivered at that time: on shared machines the available bandwidth moves by a factor of two
+//! within a minute, so a bound measured at another time says little.
+
+use std::time::Duration;
+
+use super::bench::time_parallel;
+use super::matmul::Aligned;
+
+/// One measurement of the read bandwidth.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct ReadBandwidth {
+    /// Threads that read (each its contiguous share of the buffer).
+    pub threads: usize,
+    /// Bytes read per pass.
+    pub bytes: usize,
+    /// Median rate over the passes, in GB/s (10⁹ bytes per second).
+    pub median_gbs: f64,
+    /// Fastest pass, in GB/s.
+    pub best_gbs: f64,
+}
+
+/// The wrapping sum of the 64-bit words of `bytes` (the bytes of its unaligned ends added one
+/// by one), read a cache line at a time with vector loads; the result only keeps the loads
+/// from being removed. Explicit 128-bit vectors (SSE2, NEON: part of the base instruction
+/// sets): left to itself the compiler vectorizes across lines with gathers, at a sixth of
+/// the speed.
+fn sum_lines(bytes: &[u8]) -> u64 {
+    // SAFETY: any bytes are valid u64 words; align_to splits off the unaligned ends.
+    let (head, lines, tail) = unsafe { bytes.align_to::<[u64; 8]>() };
+    let ends: u64 = head.iter().chain(tail).map(|&b| u64::from(b)).sum();
+    ends.wrapping_add(sum_words(lines))
+}
+
+#[cfg(target_arch = "x86_64")]
+fn sum_words(lines: &[[u64; 8]]) -> u64 {
+    use std::arch::x86_64::{
+        __m128i, _mm_add_epi64, _mm_loadu_si128, _mm_setzero_si128, _mm_storeu_si128,
+    };
+    // SAFETY: SSE2 is part of x86-64; every load reads 16 bytes inside a line of the slice.
+    unsafe {
+        let mut acc = [_mm_setzero_si128(); 4];
+        for line in lines {
+            let p = line.as_ptr().cast::<__m128i>();
+            for (i, a) in acc.iter_mut().enumerate() {
+                *a = _mm_add_epi64(*a, _mm_loadu_si128(p.add(i)));
+            }
+        }
+        let s = _mm_add_epi64(_mm_add_epi64(acc[0], acc[1]), _mm_add_epi64(acc[2], acc[3]));
+        let mut out = [0u64; 2];
+        _mm_storeu_si128(out.as_mut_ptr().cast(), s);
+        out[0].wrapping_add(out[1])
+    }
+}
+
+#[cfg(target_arch = "aarch64")]
+fn sum_words(lines: &[[u64; 8]]) -> u64 {
+    use std::arch::aarch64::{vaddq_u64, vaddvq_u64, vdupq_n_u64, vld1q_u64};
+    // SAFETY: NEON is part of aarch64; every load reads 16 bytes inside a line of the slice.
+    unsafe {
+        let mut acc = [vdupq_n_u64(0); 4];
+        for line in lines {
+            for (i, a) in acc.iter_mut().enumerate() {
+                *a = vaddq_u64(*a, vld1q_u64(line.as_ptr().add(2 * i)));
+            }
+        }
+        vaddvq_u64(vaddq_u64(
+            vaddq_u64(acc[0], acc[1]),
+            vaddq_u64(acc[2], acc[3]),
+        ))
+    }
+}
+
+#[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+fn sum_words(lines: &[[u64; 8]]) -> u64 {
+    lines.iter().flatten().fold(0u64, |s, &w| s.wrapping_add(w))
+}
+
+/// A buffer for repeated measurements of the read bandwidth, allocated and written once: the
+/// benchmark samples the bandwidth between decoded tokens with it.
+pub struct ReadProbe {
+    buf: Aligned,
+    bytes: usize,
+    threads: usize,
+}
+
+impl ReadProbe {
+    /// `bytes` of memory (huge pages where the kernel grants them, as for the packed weights)
+    /// to be read by `threads` threads, each its contiguous share. The buffer is written here
+    /// so that every page is real memory, not the shared zero page.
+    pub fn new(threads: usize, bytes: usize) -> anyhow::Result<ReadProbe> {
+        let threads = threads.max(1);
+        anyhow::ensure!(
+            bytes >= 64 * threads,
+            "a bandwidth measurement needs at least 64 bytes per thread, not {bytes} bytes for {threads} threads"
+        );
+        let mut buf = Aligned::zeroed(bytes);
+        // SAFETY: `bytes` bytes owned by `buf`, written once here and then only read.
+        let data = unsafe { std::slice::from_raw_parts_mut(buf.as_mut_ptr(), bytes) };
+        for (i, b) in data.iter_mut().enumerate().step_by(512) {
+            *b = i as u8 | 1;
+        }
+        Ok(ReadProbe {
+            buf,
+            bytes,
+            threads,
+        })
+    }
+
+    /// Reads the buffer over and over for at least `min_time` (and 10 passes, after 3 to warm
+    /// up): the median and best rate of one pass.
+    pub fn measure(&self, min_time: Duration) -> ReadBandwidth {
+        let (bytes, threads, data) = (self.bytes, self.threads, self.buf.bytes());
+        let share = |ith: usize| {
+            let line = |t: usize| (bytes / 64) * t / threads * 64;
+            &data[line(ith)..if ith + 1 == threads {
+                bytes
+            } else {
+                line(ith + 1)
+            }]
+        };
+        let (median_us, best_us) = time_parallel(threads, min_time, |_, ith| {
+            std::hint::black_box(sum_lines(std::hint::black_box(share(ith))));
+        });
+        let gbs = |us: f64| bytes as f64 / us / 1e3;
+        ReadBandwidth {
+            threads,
+            bytes,
+            median_gbs: gbs(median_us),
+            best_gbs: gbs(best_us),
+        }
+    }
+}
+
+/// Measures once how fast `threads` threads read `bytes` bytes of memory (see [`ReadProbe`]).
+pub fn measure_read_bandwidth(
+    threads: usize,
+    bytes: usize,
+    min_time: Duration,
+) -> anyhow::Result<ReadBandwidth> {
+    Ok(ReadProbe::new(threads, bytes)?.measure(min_time))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The bytes of `words` (8-aligned, as they are u64s).
+    fn as_bytes(words: &[u64]) -> &[u8] {
+        // SAFETY: u64s are 8 plain bytes each.
+        unsafe { words.align_to::<u8>().1 }
+    }
+
+    #[test]
+    fn sum_lines_reads_every_word_and_the_ends() {
+        let words: Vec<u64> = (0..8 * 24 + 2).map(|i| i * 0x0101_0001 + 7).collect();
+        // Aligned, 24 whole lines: every word once.
+        let lines = &words[..8 * 24];
+        let expected = lines.iter().fold(0u64, |s, &w| s.wrapping_add(w));
+        assert_eq!(sum_lines(as_bytes(lines)), expected);
+        let mut changed = lines.to_vec();
+        changed[8 * 2 + 5] ^= 1 << 17; // one bit in the middle of the third line
+        assert_ne!(sum_lines(as_bytes(&changed)), expected);
+        // Unaligned: the ends' bytes one by one, the aligned middle (24 whole lines) as words.
+        let odd = &as_bytes(&words)[1..words.len() * 8 - 4];
+        let middle: u64 = words[1..words.len() - 1]
+            .iter()
+            .fold(0u64, |s, &w| s.wrapping_add(w));
+        let ends: u64 = as_bytes(&words)[1..8]
+            .iter()
+            .chain(&as_bytes(&words)[words.len() * 8 - 8..words.len() * 8 - 4])
+            .map(|&b| u64::from(b))
+            .sum();
+        assert_eq!(sum_lines(odd), middle.wrapping_add(ends));
+    }
+
+    #[test]
+    fn measures_a_positive_rate_with_one_and_two_threads() {
+        for threads in [1, 2] {
+            let bw = measure_read_bandwidth(threads, 8 << 20, Duration::from_millis(20)).unwrap();
+            assert_eq!((bw.threads, bw.bytes), (threads, 8 << 20));
+            assert!(bw.median_gbs.is_finite() && bw.median_gbs > 0.0, "{bw:?}");
+            assert!(bw.best_gbs >= bw.median_gbs, "{bw:?}");
+        }
+    }
+
+    #[test]
+    fn rejects_a_buffer_smaller_than_a_line_per_thread() {
+        let err = measure_read_bandwidth(4, 100, Duration::from_millis(1)).unwrap_err();
+        assert!(err.to_string().contains("64 bytes per thread"), "{err}");
+    }
+}
