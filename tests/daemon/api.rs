@@ -219,7 +219,8 @@ fn a_follow_up_hits_the_prompt_cache_and_disconnecting_frees_the_sequence() {
     let (_, events) = block_on(stream_events(
         &d.socket,
         "/v1/completions",
-        &json!({"prompt": "Never", "max_tokens": 30000, "stream": true}).to_string(),
+        &json!({"prompt": "Never", "max_tokens": 30000, "ignore_eos": true, "stream": true})
+            .to_string(),
         5,
     ))
     .unwrap();
@@ -245,7 +246,8 @@ fn a_full_queue_answers_503_with_retry_after_at_once() {
         &config_with("[server]\nparallel = 1\nqueue_size = 1\n"),
         &[],
     );
-    let long = json!({"prompt": "Never", "max_tokens": 30000, "stream": true}).to_string();
+    let long = json!({"prompt": "Never", "max_tokens": 30000, "ignore_eos": true, "stream": true})
+        .to_string();
     let socket = d.socket.clone();
     let stop = Arc::new(AtomicBool::new(false));
     let runner = std::thread::spawn({
