@@ -40,15 +40,31 @@ MM_INLINE void mm_store_acc(float *out, mm_vf acc[MK_MM_MAX_NR][MM_RV], const in
     }
 }
 
-/* Prefetches `lines` cache lines `dist` bytes ahead of cur in its section. */
-MM_INLINE void mm_pf_lines(const uint8_t *cur, size_t dist, const uint8_t *end, size_t len, size_t tb, int lines)
+/* Prefetches every `step`-th of `lines` cache lines `dist` bytes ahead of cur in its section. */
+MM_INLINE void mm_pf_lines_step(const uint8_t *cur, size_t dist, const uint8_t *end, size_t len, size_t tb,
+                                int lines, int step)
 {
     if (dist) {
         const uint8_t *p = mm_pf_addr(cur, dist, end, len, tb);
-        for (int i = 0; i < lines; i++)
+        for (int i = 0; i < lines; i += step)
             MM_PF(p + 64 * i);
     }
 }
+
+/* Prefetches `lines` cache lines `dist` bytes ahead of cur in its section. */
+MM_INLINE void mm_pf_lines(const uint8_t *cur, size_t dist, const uint8_t *end, size_t len, size_t tb, int lines)
+{
+    mm_pf_lines_step(cur, dist, end, len, tb, lines, 1);
+}
+
+/* Lines per software prefetch of a one-row Q8_0 product. One row is the least work per byte:
+ * the loads themselves run far enough ahead, and a prefetch per line only costs issue slots.
+ * The 512-bit paths set 2: on Zen 4 (one thread, from memory) a prefetch every other line
+ * streamed 20-30 % faster there, while 2 or more rows, other types and the 256-bit paths need
+ * (or do not gain from dropping) one per line. */
+#ifndef MM_Q8_N1_PF_STEP
+#define MM_Q8_N1_PF_STEP 1
+#endif
 
 /* Dot products of one block of 32 four-bit values (Q4_0 / Q4_K chunk format,
  * row vector rv) with every activation row: it[r] = sum u*q. */
@@ -123,7 +139,7 @@ MM_INLINE void mm_g_q8_0(const uint8_t *tile, size_t tb, const struct mm_act *a,
     }
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t *qb = q + 512 * b;
-        mm_pf_lines(qb, pfd, q + qlen, qlen, tb, 8);
+        mm_pf_lines_step(qb, pfd, q + qlen, qlen, tb, 8, nr == 1 ? MM_Q8_N1_PF_STEP : 1);
         if ((b & 1) == 0)
             mm_pf_lines(meta + 32 * b, pfd / 16, meta + mlen, mlen, tb, 1);
         const int8_t *xb[MK_MM_MAX_NR];

@@ -18,6 +18,8 @@ typedef __m512 mm_vf;
 #ifndef MM_GROUP
 #define MM_GROUP 8
 #endif
+/* One-row Q8_0 products prefetch every other line (see mm_simd.h). */
+#define MM_Q8_N1_PF_STEP 2
 #define MM_LOAD(p) _mm512_loadu_si512((const void *)(p))
 #define MM_AND(a, b) _mm512_and_si512(a, b)
 #define MM_OR(a, b) _mm512_or_si512(a, b)
