@@ -317,7 +317,8 @@ struct BenchArgs {
     /// the time of the run. The peak RSS reported is then read before the buffer is allocated.
     #[arg(long)]
     bandwidth: bool,
-    /// MiB that `--bandwidth` reads per pass (several times the CPU's last-level cache).
+    /// MiB that `--bandwidth` reads per pass (several times the CPU's last-level cache; at most
+    /// half the memory available).
     #[arg(long, default_value_t = 128, value_parser = clap::value_parser!(u64).range(1..=65536))]
     bandwidth_mib: u64,
     /// Print a JSON object.
@@ -584,8 +585,8 @@ fn cmd_bench(a: BenchArgs) -> anyhow::Result<()> {
     let t0 = Instant::now();
     engine.feed(&mut seq, &prompt, Logits::Last)?;
     let prefill = t0.elapsed().as_secs_f64();
-    // Before the bandwidth probe's buffer exists.
-    let mut rss = peak_rss_bytes();
+    // With --bandwidth, the peak RSS is read before the probe's buffer exists.
+    let rss_before_probe = peak_rss_bytes();
     let probe = a
         .bandwidth
         .then(|| {
@@ -612,11 +613,13 @@ fn cmd_bench(a: BenchArgs) -> anyhow::Result<()> {
         }
         cur = (cur * 7 + 11) % 31000 + 3;
     }
-    if let Some(p) = &probe {
-        read_gbs.push(bandwidth_sample(p));
-    } else {
-        rss = peak_rss_bytes();
-    }
+    let rss = match &probe {
+        Some(p) => {
+            read_gbs.push(bandwidth_sample(p));
+            rss_before_probe
+        }
+        None => peak_rss_bytes(),
+    };
     let prefill_tok_s = a.prompt_tokens as f64 / prefill;
     let decode_tok_s = if a.gen_tokens > 0 {
         a.gen_tokens as f64 / decode.as_secs_f64()

@@ -82,6 +82,15 @@ fn sum_words(lines: &[[u64; 8]]) -> u64 {
     lines.iter().flatten().fold(0u64, |s, &w| s.wrapping_add(w))
 }
 
+/// Bytes of memory available to new allocations (`MemAvailable` of `/proc/meminfo`; `None`
+/// where that is not readable).
+fn available_memory() -> Option<usize> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: usize = line.split_whitespace().nth(1)?.parse().ok()?;
+    kib.checked_mul(1024)
+}
+
 /// A buffer for repeated measurements of the read bandwidth, allocated and written once: the
 /// benchmark samples the bandwidth between decoded tokens with it.
 pub struct ReadProbe {
@@ -100,6 +109,14 @@ impl ReadProbe {
             bytes >= 64 * threads,
             "a bandwidth measurement needs at least 64 bytes per thread, not {bytes} bytes for {threads} threads"
         );
+        if let Some(avail) = available_memory() {
+            anyhow::ensure!(
+                bytes <= avail / 2,
+                "a bandwidth measurement of {} MiB needs more than half of the {} MiB of memory available",
+                bytes >> 20,
+                avail >> 20
+            );
+        }
         let mut buf = Aligned::zeroed(bytes);
         // SAFETY: `bytes` bytes owned by `buf`, written once here and then only read.
         let data = unsafe { std::slice::from_raw_parts_mut(buf.as_mut_ptr(), bytes) };
@@ -138,15 +155,6 @@ impl ReadProbe {
     }
 }
 
-/// Measures once how fast `threads` threads read `bytes` bytes of memory (see [`ReadProbe`]).
-pub fn measure_read_bandwidth(
-    threads: usize,
-    bytes: usize,
-    min_time: Duration,
-) -> anyhow::Result<ReadBandwidth> {
-    Ok(ReadProbe::new(threads, bytes)?.measure(min_time))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -183,7 +191,9 @@ mod tests {
     #[test]
     fn measures_a_positive_rate_with_one_and_two_threads() {
         for threads in [1, 2] {
-            let bw = measure_read_bandwidth(threads, 8 << 20, Duration::from_millis(20)).unwrap();
+            let bw = ReadProbe::new(threads, 8 << 20)
+                .unwrap()
+                .measure(Duration::from_millis(20));
             assert_eq!((bw.threads, bw.bytes), (threads, 8 << 20));
             assert!(bw.median_gbs.is_finite() && bw.median_gbs > 0.0, "{bw:?}");
             assert!(bw.best_gbs >= bw.median_gbs, "{bw:?}");
@@ -191,8 +201,18 @@ mod tests {
     }
 
     #[test]
+    fn rejects_a_buffer_larger_than_the_memory_can_hold() {
+        assert!(
+            available_memory().is_some_and(|b| b > 0),
+            "Linux has MemAvailable"
+        );
+        let err = ReadProbe::new(1, 1 << 50).err().expect("a PiB buffer");
+        assert!(err.to_string().contains("of memory available"), "{err}");
+    }
+
+    #[test]
     fn rejects_a_buffer_smaller_than_a_line_per_thread() {
-        let err = measure_read_bandwidth(4, 100, Duration::from_millis(1)).unwrap_err();
+        let err = ReadProbe::new(4, 100).err().expect("too small a buffer");
         assert!(err.to_string().contains("64 bytes per thread"), "{err}");
     }
 }
