@@ -757,7 +757,7 @@ fn cmd_info(a: InfoArgs) -> anyhow::Result<()> {
         match engine.matmul() {
             Some(m) => format!(
                 "native ({}) for the packed matrices, ggml for the rest",
-                m.path()
+                m.describe()
             ),
             None => "ggml mul_mat".to_string(),
         }
@@ -927,12 +927,15 @@ fn cmd_bench_matmul(a: BenchMatmulArgs) -> anyhow::Result<()> {
         ggml: !a.no_ggml,
         min_time: std::time::Duration::from_millis(a.min_ms),
     };
+    let selected = crate::kernels::matmul::Matmul::selected()?;
+    // The CPU's one-row tile width (MISTRALD_MATMUL_ONE_ROW where set) for every path measured.
+    matmul::choose_one_row_width(None)?;
     let rows = bench_matmul(&opts)?;
     println!("{}", format_table(&rows));
     println!(
         "native prefetch distance {} bytes; matrix path selected for inference: {}",
         matmul::prefetch_distance(),
-        crate::kernels::matmul::Matmul::selected()?.path()
+        selected.describe()
     );
     Ok(())
 }

@@ -441,14 +441,15 @@ fn load(
     let cache_bytes =
         (sched_cfg.prompt_cache.max_entries * per_seq).min(sched_cfg.prompt_cache.max_bytes);
     log::info!(
-        "model {} loaded in {:.2} s: window {}, context {} per request, {} threads, attention {}",
+        "model {} loaded in {:.2} s: window {}, context {} per request, {} threads, attention {}, matrix products {}",
         model_path.display(),
         t0.elapsed().as_secs_f64(),
         info.window
             .map_or("none (full attention)".to_string(), |w| w.to_string()),
         info.max_context,
         info.n_threads,
-        info.attention
+        info.attention,
+        info.matmul
     );
     let gpus = crate::ggml::Device::gpus();
     if !gpus.is_empty() {

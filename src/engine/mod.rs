@@ -376,7 +376,10 @@ impl Engine {
         let matmul = if model.weights().packed.is_empty() {
             None
         } else {
-            Some(Matmul::selected()?)
+            let m = Matmul::selected()?;
+            // One-row tile width for where these matrices are read from (memory or cache).
+            crate::kernels::matmul::choose_one_row_width(Some(model.weights().packed.bytes()))?;
+            Some(m)
         };
         let backend = CpuBackend::new(cfg.n_threads)?;
         let (exec, kv_placement) = match model.gpu() {

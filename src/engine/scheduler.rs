@@ -194,6 +194,8 @@ pub struct EngineInfo {
     pub n_threads: usize,
     /// The attention implementation in use.
     pub attention: String,
+    /// The matrix products in use.
+    pub matmul: String,
     /// What runs on a GPU, in words (`None`: the CPU only).
     pub offload: Option<String>,
 }
@@ -243,6 +245,9 @@ pub fn start(
                 kv_bytes_per_sequence: engine.kv_shape().total_bytes(),
                 n_threads: engine.config().n_threads,
                 attention: engine.attention().describe(),
+                matmul: engine.matmul().map_or("ggml mul_mat".to_string(), |m| {
+                    format!("native {}", m.describe())
+                }),
                 offload: engine
                     .gpu_usage()
                     .map(|g| g.describe(engine.hparams().n_layer)),

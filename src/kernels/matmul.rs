@@ -28,6 +28,9 @@ pub const MAX_ROWS: usize = ffi::MK_MM_MAX_NR as usize;
 pub const MAX_BATCH: usize = ffi::MK_MM_MAX_BATCH as usize;
 /// Environment variable that forces one matrix-product path exactly.
 pub const MATMUL_KERNEL_ENV: &str = "MISTRALD_MATMUL_KERNEL";
+/// Environment variable that sets the tile width (`256` or `512`) of the AVX-512 VNNI path's
+/// one-row products (see [`set_narrow_one_row`]).
+pub const ONE_ROW_ENV: &str = "MISTRALD_MATMUL_ONE_ROW";
 
 /// Raw parameter block of the C matrix kernels.
 pub type RawMatmulParams = ffi::mk_mm_params;
@@ -311,6 +314,101 @@ pub fn matmul_path_for_env(
 pub fn set_prefetch_distance(bytes: usize) {
     // SAFETY: stores an int (clamped by the C side).
     unsafe { ffi::mk_mm_set_prefetch(bytes.min(1 << 20) as c_int) }
+}
+
+/// Whether the AVX-512 VNNI path computes one-row products of Q4_0, Q4_K and Q6_K matrices with
+/// its 256-bit tiles (the AVX-VNNI code in EVEX encoding; same results) instead of its 512-bit
+/// ones. The C side's default: on AMD Zen 4, where they stream closer to the memory bandwidth.
+pub fn narrow_one_row() -> bool {
+    // SAFETY: reads (and on first use decides from CPUID) an int.
+    unsafe { ffi::mk_mm_narrow_one_row() != 0 }
+}
+
+/// Sets [`narrow_one_row`] for every later product (benchmarks, tests, `MISTRALD_MATMUL_ONE_ROW`).
+/// Either setting gives the same results.
+pub fn set_narrow_one_row(on: bool) {
+    // SAFETY: stores an int.
+    unsafe { ffi::mk_mm_set_narrow_one_row(c_int::from(on)) }
+}
+
+/// Parses a `MISTRALD_MATMUL_ONE_ROW` value: `Some(true)` for `256`, `Some(false)` for `512`,
+/// `None` when unset or empty (keep the CPU's default).
+pub fn one_row_width_for_env(value: Option<&str>) -> Result<Option<bool>, KernelError> {
+    match value.map(str::trim) {
+        None | Some("") => Ok(None),
+        Some("256") => Ok(Some(true)),
+        Some("512") => Ok(Some(false)),
+        Some(other) => Err(KernelError::BadOneRowWidth(other.to_string())),
+    }
+}
+
+/// The one-row width rule, given the `MISTRALD_MATMUL_ONE_ROW` value, the CPU's default (see
+/// [`narrow_one_row`]), the bytes of a model's packed matrices (`None`: not for a model, as
+/// `bench-matmul`) and the last-level cache's size: the variable when set; else narrow where
+/// the CPU's default says so, unless the matrices fit in the cache, where they are read from
+/// it and the wider tiles compute faster.
+pub fn one_row_narrow(
+    env: Option<&str>,
+    cpu_default: bool,
+    packed_bytes: Option<u64>,
+    cache_bytes: u64,
+) -> Result<bool, KernelError> {
+    if let Some(narrow) = one_row_width_for_env(env)? {
+        return Ok(narrow);
+    }
+    Ok(cpu_default && packed_bytes.is_none_or(|b| b > cache_bytes))
+}
+
+/// Applies [`one_row_narrow`] with this process's `MISTRALD_MATMUL_ONE_ROW`, this CPU and its
+/// last-level cache (for a model whose packed matrices take `packed_bytes`); returns the choice.
+pub fn choose_one_row_width(packed_bytes: Option<u64>) -> Result<bool, KernelError> {
+    let env = std::env::var(ONE_ROW_ENV).ok();
+    // SAFETY: pure query of CPU features.
+    let cpu_default = unsafe { ffi::mk_mm_narrow_one_row_default() != 0 };
+    let narrow = one_row_narrow(
+        env.as_deref(),
+        cpu_default,
+        packed_bytes,
+        last_level_cache_bytes(),
+    )?;
+    set_narrow_one_row(narrow);
+    Ok(narrow)
+}
+
+/// Size of the CPU's last-level cache from sysfs (the highest cache level cpu0 lists), or
+/// 32 MiB where Linux does not say.
+pub fn last_level_cache_bytes() -> u64 {
+    let dir = std::path::Path::new("/sys/devices/system/cpu/cpu0/cache");
+    let read = |p: std::path::PathBuf| std::fs::read_to_string(p).ok();
+    let mut best: Option<(u32, u64)> = None;
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let level = read(entry.path().join("level")).and_then(|s| s.trim().parse::<u32>().ok());
+        let size = read(entry.path().join("size")).and_then(|s| parse_cache_size(&s));
+        if let (Some(level), Some(size)) = (level, size) {
+            if best.is_none_or(|(l, _)| level > l) {
+                best = Some((level, size));
+            }
+        }
+    }
+    best.map_or(32 << 20, |(_, size)| size)
+}
+
+/// Parses sysfs's cache sizes (`32768K`, `2M`, `512`).
+pub(crate) fn parse_cache_size(s: &str) -> Option<u64> {
+    let s = s.trim();
+    let (digits, unit) = match s.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
+        Some((i, _)) => s.split_at(i),
+        None => (s, ""),
+    };
+    let n: u64 = digits.parse().ok()?;
+    let mul = match unit {
+        "" => 1,
+        "K" => 1 << 10,
+        "M" => 1 << 20,
+        "G" => 1 << 30,
+        _ => return None,
+    };
+    n.checked_mul(mul)
 }
 
 /// The software prefetch distance of the matrix kernels in bytes.
@@ -720,6 +818,16 @@ impl Matmul {
     /// The path.
     pub fn path(&self) -> MatmulPath {
         self.path
+    }
+
+    /// The path's name, with the tiles of its one-row products where they are narrower
+    /// (`avx512vnni, one row 256-bit`), for `info` and logs.
+    pub fn describe(&self) -> String {
+        if self.path == MatmulPath::Avx512Vnni && narrow_one_row() {
+            format!("{}, one row of Q4_0/Q4_K/Q6_K 256-bit", self.path)
+        } else {
+            self.path.to_string()
+        }
     }
 
     /// The raw C entry point (for a ggml custom op).

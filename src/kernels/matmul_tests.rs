@@ -708,3 +708,109 @@ fn large_matrices_live_in_huge_page_mappings_with_the_same_results() {
         assert_eq!(&yb[r * n..r * n + 16], &ys[r * 16..r * 16 + 16], "row {r}");
     }
 }
+
+#[test]
+fn one_row_width_setting_parses_and_rejects_bad_values() {
+    assert_eq!(one_row_width_for_env(None).unwrap(), None);
+    assert_eq!(one_row_width_for_env(Some(" ")).unwrap(), None);
+    assert_eq!(one_row_width_for_env(Some("256")).unwrap(), Some(true));
+    assert_eq!(one_row_width_for_env(Some(" 512 ")).unwrap(), Some(false));
+    for bad in ["128", "wide", "256bit"] {
+        let err = one_row_width_for_env(Some(bad)).unwrap_err();
+        assert!(matches!(err, KernelError::BadOneRowWidth(_)), "{bad}");
+        assert!(err.to_string().contains(bad), "{err}");
+    }
+}
+
+/// AMD Zen 4 as CPUID states it (vendor, family 19h) with AVX-512 VNNI: where the AVX-512 VNNI
+/// path's one-row products default to its 256-bit tiles.
+#[cfg(target_arch = "x86_64")]
+fn is_zen4() -> bool {
+    // CPUID leaves 0 and 1 exist on every x86-64 CPU.
+    let (l0, l1) = (std::arch::x86_64::__cpuid(0), std::arch::x86_64::__cpuid(1));
+    let amd = [l0.ebx, l0.edx, l0.ecx]
+        .iter()
+        .flat_map(|r| r.to_le_bytes())
+        .eq(*b"AuthenticAMD");
+    let base = (l1.eax >> 8) & 0xf;
+    let family = if base == 0xf {
+        base + ((l1.eax >> 20) & 0xff)
+    } else {
+        base
+    };
+    amd && family == 0x19 && MatmulPath::Avx512Vnni.is_available()
+}
+
+#[test]
+fn the_avx512_vnni_paths_one_row_tiles_of_either_width_give_the_same_results() {
+    // The default (read before anything below changes it) follows the CPU.
+    let default = narrow_one_row();
+    #[cfg(target_arch = "x86_64")]
+    assert_eq!(default, is_zen4(), "default one-row width");
+    #[cfg(not(target_arch = "x86_64"))]
+    assert!(!default);
+    let Ok(m) = Matmul::for_path(MatmulPath::Avx512Vnni) else {
+        return; // no AVX-512 VNNI here: the setting has no effect
+    };
+    // Q8_0 keeps its 512-bit tile either way; the others switch. Both widths must agree to the
+    // bit (the same arithmetic per output row), on odd shapes and every thread split, and
+    // products of 2 rows are not affected.
+    for (i, ty) in WeightType::ALL.into_iter().enumerate() {
+        let n_cols = if ty.block_values() == 32 { 800 } else { 768 };
+        let c = Case::new(ty, 37, n_cols, 900 + i as u64);
+        for rows in [1, 2] {
+            let x = make_acts(rows, n_cols, 31 + i as u64);
+            let mut got = Vec::new();
+            for narrow in [false, true] {
+                set_narrow_one_row(narrow);
+                for nth in [1, 3] {
+                    let mut y = vec![f32::NAN; rows * c.n_rows];
+                    m.run(&c.packed, &x, &mut y, nth).unwrap();
+                    got.push(y);
+                }
+            }
+            set_narrow_one_row(default);
+            for y in &got[1..] {
+                assert_eq!(
+                    y.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                    got[0].iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                    "{ty:?}, {rows} rows"
+                );
+            }
+            assert!(got[0].iter().all(|v| v.is_finite()));
+        }
+    }
+}
+
+#[test]
+fn one_row_width_follows_the_variable_then_the_cpu_then_where_the_weights_live() {
+    let llc = 32 << 20;
+    // The variable wins over everything.
+    assert!(one_row_narrow(Some("256"), false, Some(1), llc).unwrap());
+    assert!(!one_row_narrow(Some("512"), true, Some(1 << 40), llc).unwrap());
+    assert!(one_row_narrow(Some("x"), true, None, llc).is_err());
+    // A CPU without the preference never narrows.
+    assert!(!one_row_narrow(None, false, Some(1 << 40), llc).unwrap());
+    assert!(!one_row_narrow(None, false, None, llc).unwrap());
+    // With it: matrices beyond the cache (from memory) narrow, those that fit do not.
+    assert!(one_row_narrow(None, true, Some(4 << 30), llc).unwrap());
+    assert!(one_row_narrow(Some(""), true, Some(llc + 1), llc).unwrap());
+    assert!(!one_row_narrow(None, true, Some(llc), llc).unwrap());
+    assert!(!one_row_narrow(None, true, Some(20 << 20), llc).unwrap());
+    assert!(one_row_narrow(None, true, None, llc).unwrap());
+}
+
+#[test]
+fn cache_sizes_parse_as_sysfs_writes_them() {
+    assert_eq!(parse_cache_size("32768K\n"), Some(32 << 20));
+    assert_eq!(parse_cache_size("2M"), Some(2 << 20));
+    assert_eq!(parse_cache_size("1G"), Some(1 << 30));
+    assert_eq!(parse_cache_size("512"), Some(512));
+    assert_eq!(parse_cache_size(""), None);
+    assert_eq!(parse_cache_size("12Q"), None);
+    assert_eq!(parse_cache_size("K"), None);
+    assert_eq!(parse_cache_size("99999999999999999999K"), None);
+    // This machine's: a plausible size (a CPU without sysfs cache entries gets 32 MiB).
+    let llc = last_level_cache_bytes();
+    assert!((256 << 10..=4u64 << 30).contains(&llc), "{llc}");
+}

@@ -155,6 +155,9 @@ pub enum KernelError {
     /// `MISTRALD_MATMUL_KERNEL` (or a requested name) is not a known matrix path.
     #[error("unknown matrix kernel path {0:?} (expected one of: scalar, avx2, avxvnni, avx512, avx512vnni, neon, neondot)")]
     UnknownMatmulPath(String),
+    /// `MISTRALD_MATMUL_ONE_ROW` has a value other than `256` or `512`.
+    #[error("MISTRALD_MATMUL_ONE_ROW must be 256 or 512 (the AVX-512 VNNI path's tile width for one-row products), not {0:?}")]
+    BadOneRowWidth(String),
     /// The matrix path exists but this build or CPU does not support it.
     #[error(
         "matrix kernel path {path} is not available on this CPU/build (available: {available})"

@@ -283,6 +283,54 @@ int mk_mm_set_path(enum mk_mm_path path)
     return 0;
 }
 
+/* AMD Zen 4: vendor AuthenticAMD, CPUID family 19h (base 0Fh + extended
+ * 0Ah), with the AVX-512 VNNI path (Zen 3 has the family but no AVX-512). */
+static int mk_is_zen4(void)
+{
+#if defined(__x86_64__)
+    unsigned int a, b, c, d;
+    if (!__get_cpuid(0, &a, &b, &c, &d))
+        return 0;
+    /* "AuthenticAMD" in EBX, EDX, ECX */
+    if (b != 0x68747541u || d != 0x69746e65u || c != 0x444d4163u)
+        return 0;
+    if (!__get_cpuid(1, &a, &b, &c, &d))
+        return 0;
+    unsigned int family = (a >> 8) & 0xf;
+    if (family == 0xf)
+        family += (a >> 20) & 0xff;
+    return family == 0x19 && (mk_x86_features() & 4) != 0;
+#else
+    return 0;
+#endif
+}
+
+/* -1: not decided yet; else 0 or 1. */
+static atomic_int mk_mm_narrow = -1;
+
+int mk_mm_narrow_one_row(void)
+{
+    int v = atomic_load_explicit(&mk_mm_narrow, memory_order_relaxed);
+    if (v < 0) {
+        v = mk_is_zen4();
+        int expected = -1;
+        if (!atomic_compare_exchange_strong_explicit(&mk_mm_narrow, &expected, v, memory_order_relaxed,
+                                                     memory_order_relaxed))
+            v = expected;
+    }
+    return v;
+}
+
+int mk_mm_narrow_one_row_default(void)
+{
+    return mk_is_zen4();
+}
+
+void mk_mm_set_narrow_one_row(int on)
+{
+    atomic_store_explicit(&mk_mm_narrow, on ? 1 : 0, memory_order_relaxed);
+}
+
 int mk_matmul(const struct mk_mm_params *p, int ith, int nth)
 {
     return mk_mm_path_fn(mk_mm_current_path())(p, ith, nth);

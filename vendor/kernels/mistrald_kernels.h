@@ -306,12 +306,29 @@ int mk_matmul_avx2(const struct mk_mm_params *p, int ith, int nth);
 int mk_matmul_avxvnni(const struct mk_mm_params *p, int ith, int nth);
 int mk_matmul_avx512(const struct mk_mm_params *p, int ith, int nth);
 int mk_matmul_avx512vnni(const struct mk_mm_params *p, int ith, int nth);
-/* Test hook: the AVX-VNNI path's code (256-bit, two vectors per tile) with
- * the EVEX encoding of vpdpbusd (AVX512_VNNI + AVX512VL), so the AVX-VNNI
- * algorithm can be tested on CPUs that have AVX-512 VNNI but not AVX-VNNI.
- * Available when mk_mm_path_available(MK_MM_AVX512VNNI). */
+/* The AVX-VNNI path's code (256-bit, two vectors per tile) with the EVEX
+ * encoding of vpdpbusd (AVX512_VNNI + AVX512VL): the AVX-VNNI algorithm on
+ * CPUs that have AVX-512 VNNI but not AVX-VNNI (tests), and the AVX-512 VNNI
+ * path's one-row tiles where mk_mm_narrow_one_row() is set. Available when
+ * mk_mm_path_available(MK_MM_AVX512VNNI). */
 int mk_matmul_avxvnni_evex(const struct mk_mm_params *p, int ith, int nth);
 #endif
+
+/* One-row products (nr == 1) of Q4_0, Q4_K and Q6_K matrices on the AVX-512
+ * VNNI path: 1 = through its 256-bit tiles (mk_matmul_avxvnni_evex), 0 =
+ * through its 512-bit tiles; the results are the same. Default: 1 on AMD Zen 4
+ * (CPUID family 19h with AVX-512), where the 256-bit tiles stream 5-10 % closer
+ * to the memory's read bandwidth at one row (one thread from memory: 8-15 %;
+ * two threads: 5-10 % when the memory is not saturated; BENCHMARKS.md
+ * section 7), else 0.
+ * Q8_0 keeps its 512-bit tile (measured as fast or faster). */
+int mk_mm_narrow_one_row(void);
+/* Sets it (0 or 1) for every later call. Callers whose matrices stay in the
+ * CPU's caches should set 0: there the 512-bit tiles compute faster (15-25 %
+ * on Zen 4, one thread). */
+void mk_mm_set_narrow_one_row(int on);
+/* The CPU's default for mk_mm_narrow_one_row() (whatever was set since). */
+int mk_mm_narrow_one_row_default(void);
 #if defined(__aarch64__)
 int mk_matmul_neon(const struct mk_mm_params *p, int ith, int nth);
 int mk_matmul_neon_dotprod(const struct mk_mm_params *p, int ith, int nth);

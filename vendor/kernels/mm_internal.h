@@ -219,6 +219,8 @@ void mm_qpart_avxvnni(const float *x, int64_t x_stride, int nr, int64_t K, void 
 void mm_qpart_avx512(const float *x, int64_t x_stride, int nr, int64_t K, void *xq, int ith, int nth);
 void mm_qpart_avx512vnni(const float *x, int64_t x_stride, int nr, int64_t K, void *xq, int ith, int nth);
 void mm_qpart_avxvnni_evex(const float *x, int64_t x_stride, int nr, int64_t K, void *xq, int ith, int nth);
+/* The AVX-512 VNNI path's own (512-bit) tiles, for every row count. */
+int mm_matmul_avx512vnni_wide(const struct mk_mm_params *p, int ith, int nth);
 #endif
 #if defined(__aarch64__)
 void mm_qpart_neon(const float *x, int64_t x_stride, int nr, int64_t K, void *xq, int ith, int nth);
