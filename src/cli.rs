@@ -124,9 +124,14 @@ struct BenchMatmulArgs {
     /// kernels' own).
     #[arg(long)]
     prefetch: Option<usize>,
-    /// Minimum measuring time per configuration, in milliseconds.
+    /// Minimum measuring time per configuration and implementation, in milliseconds.
     #[arg(long, default_value_t = 300)]
     min_ms: u64,
+    /// Slices each implementation's measuring time is split into, in turns with the other
+    /// implementations of the configuration (the order rotating), so that their ratio compares
+    /// the same stretch of time on a machine whose memory bandwidth moves.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=1000))]
+    rounds: u64,
 }
 
 /// Options shared by every command that runs the model.
@@ -926,6 +931,7 @@ fn cmd_bench_matmul(a: BenchMatmulArgs) -> anyhow::Result<()> {
         paths,
         ggml: !a.no_ggml,
         min_time: std::time::Duration::from_millis(a.min_ms),
+        rounds: a.rounds as usize,
     };
     let selected = crate::kernels::matmul::Matmul::selected()?;
     // The CPU's one-row tile width (MISTRALD_MATMUL_ONE_ROW where set) for every path measured.

@@ -200,7 +200,8 @@ fn bench_attention_reports_every_path_and_ggml() {
 
 #[test]
 fn bench_matmul_reports_every_path_and_ggml() {
-    // Small and quick: a 48x512 matrix, 2 copies, 1 and 3 rows, 2 threads, 1 ms each.
+    // Small and quick: a 48x512 matrix, 2 copies, 1 and 3 rows, 2 threads, 1 ms each in
+    // three alternating slices.
     let out = stdout(&mistrald(&[
         "bench-matmul",
         "--shapes",
@@ -215,6 +216,8 @@ fn bench_matmul_reports_every_path_and_ggml() {
         "2",
         "--min-ms",
         "1",
+        "--rounds",
+        "3",
     ]));
     let paths: Vec<_> = mistrald::kernels::matmul::available_matmul_paths()
         .into_iter()
@@ -235,6 +238,9 @@ fn bench_matmul_reports_every_path_and_ggml() {
     let bad = mistrald(&["bench-matmul", "--types", "q5_0"]);
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("q5_0"));
+    let bad = mistrald(&["bench-matmul", "--rounds", "0"]);
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("--rounds"));
 }
 
 #[test]

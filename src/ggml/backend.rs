@@ -46,6 +46,17 @@ impl CpuBackend {
         self.n_threads
     }
 
+    /// Puts the worker threads to sleep now instead of letting them poll for the next graph
+    /// (they do for a while after each computation, keeping the cores busy); the next
+    /// [`compute`](Self::compute) wakes them. For benchmarks that time other code in between.
+    pub fn pause(&self) {
+        if let Some(pool) = self.pool {
+            // SAFETY: the pool is alive (owned by self); pausing an idle pool only sets a flag
+            // and the workers wait on its condition variable.
+            unsafe { sys::ggml_threadpool_pause(pool.as_ptr()) }
+        }
+    }
+
     /// Runs every node of `graph`. All tensors must be allocated.
     pub fn compute(&self, graph: &Graph<'_>) -> anyhow::Result<()> {
         let status = unsafe { sys::ggml_backend_graph_compute(self.ptr.as_ptr(), graph.raw()) };

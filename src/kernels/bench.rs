@@ -225,6 +225,17 @@ pub(crate) fn time_parallel<F: Fn(u64, usize) + Sync>(
     min_time: Duration,
     share: F,
 ) -> (f64, f64) {
+    let samples = time_parallel_samples(nth, min_time, share);
+    (samples[samples.len() / 2], samples[0])
+}
+
+/// [`time_parallel`]'s samples: the time of every timed call in microseconds, sorted ascending
+/// (at least 10).
+pub(crate) fn time_parallel_samples<F: Fn(u64, usize) + Sync>(
+    nth: usize,
+    min_time: Duration,
+    share: F,
+) -> Vec<f64> {
     let gen = AtomicU64::new(0);
     let done = AtomicUsize::new(0);
     let stop = AtomicBool::new(false);
@@ -277,7 +288,7 @@ pub(crate) fn time_parallel<F: Fn(u64, usize) + Sync>(
         stop.store(true, Ordering::Release);
     });
     samples.sort_by(|a, b| a.total_cmp(b));
-    (samples[samples.len() / 2], samples[0])
+    samples
 }
 
 /// Formats rows as a Markdown table, with the speed-up over scalar.

@@ -5,6 +5,10 @@
 //! place (ggml's own block layout, `--no-repack`) and converted into ggml's interleaved
 //! repack layout (what the engine uses by default), 1 and 2 threads.
 //!
+//! The implementations of one configuration are timed in turns (`rounds` slices each, the order
+//! rotating every round) and each reports the median over all its slices, so their ratio
+//! compares the same stretch of time on a machine whose memory bandwidth moves within seconds.
+//!
 //! Calls cycle through `copies` separate copies of the matrix, as decoding cycles through the
 //! layers: with 32 copies (about 1 GB for the largest Q4_0 shape) the weights come from main
 //! memory; with 1 they stay in the CPU's caches when they fit. Speed is reported as GB/s of
@@ -12,11 +16,12 @@
 //! amount of data (the packed layout is as large as GGUF's for Q4_0/Q8_0, 3% and 1% larger for
 //! Q4_K/Q6_K).
 
-use super::bench::time_parallel;
-use super::ggml_bench::time_graph;
+use super::bench::time_parallel_samples;
 use super::matmul::{Matmul, MatmulPath, PackedMatrix, RawMatmulParams, WeightType, MAX_BATCH};
-use crate::ggml::{Context, CpuBackend, GgmlType, RepackBufferType, Tensor};
-use std::time::Duration;
+use crate::ggml::{
+    BackendBuffer, Context, CpuBackend, GgmlType, Graph, GraphAllocator, RepackBufferType, Tensor,
+};
+use std::time::{Duration, Instant};
 
 /// What to measure.
 #[derive(Debug, Clone)]
@@ -35,8 +40,10 @@ pub struct MatmulBenchOptions {
     pub paths: Vec<MatmulPath>,
     /// Also time ggml's `mul_mat` (in place and repacked).
     pub ggml: bool,
-    /// Minimum time measured per configuration.
+    /// Minimum time measured per configuration and implementation.
     pub min_time: Duration,
+    /// Slices each implementation's time is split into, alternating with the others'.
+    pub rounds: usize,
 }
 
 impl Default for MatmulBenchOptions {
@@ -50,6 +57,7 @@ impl Default for MatmulBenchOptions {
             paths: Vec::new(),
             ggml: true,
             min_time: Duration::from_millis(300),
+            rounds: 5,
         }
     }
 }
@@ -165,64 +173,86 @@ pub fn bench_matmul(opts: &MatmulBenchOptions) -> anyhow::Result<Vec<MatmulBench
             "activation rows must be 1..={MAX_BATCH}, got {r}"
         );
     }
+    let rounds = opts.rounds.max(1);
+    let slice = opts.min_time / rounds as u32;
     let mut out = Vec::new();
     for &ty in &opts.types {
         for &(n_rows, n_cols) in &opts.shapes {
             let src = gguf_bytes(ty, n_rows, n_cols)?;
             let bytes = src.len() as f64;
-            let row = |implementation, rows, threads, copies, (micros, best_micros): (f64, f64)| {
-                MatmulBenchRow {
-                    implementation,
-                    ty,
-                    n_rows,
-                    n_cols,
-                    rows,
-                    threads,
-                    copies,
-                    micros,
-                    best_micros,
-                    gbytes_per_s: bytes / (micros * 1e3),
-                }
-            };
             for &copies in &opts.copies {
                 let copies = copies.max(1);
                 let packed = (0..copies)
                     .map(|_| PackedMatrix::pack(ty, n_rows, n_cols, &src))
                     .collect::<Result<Vec<_>, _>>()?;
-                for k in &kernels {
-                    for &rows in &opts.rows {
-                        for &threads in &opts.threads {
-                            let t = time_native(k, &packed, rows, threads.max(1), opts.min_time);
-                            out.push(row(
-                                Implementation::Native(k.path()),
-                                rows,
-                                threads,
-                                copies,
-                                t,
-                            ));
+                // ggml's weights, in place and repacked (when ggml repacks this type here).
+                let w_ctxs = [
+                    Context::new((copies + 4) * crate::ggml::tensor_overhead(), true)?,
+                    Context::new((copies + 4) * crate::ggml::tensor_overhead(), true)?,
+                ];
+                let mut ggml_weights = Vec::new();
+                if opts.ggml {
+                    for (w_ctx, repack) in w_ctxs.iter().zip([false, true]) {
+                        if let Some(w) =
+                            GgmlWeights::new(w_ctx, ty, n_rows, n_cols, &src, copies, repack)?
+                        {
+                            ggml_weights.push(w);
                         }
                     }
                 }
-                drop(packed);
-                if opts.ggml {
-                    for repack in [false, true] {
-                        let imp = if repack {
-                            Implementation::GgmlRepack
-                        } else {
-                            Implementation::Ggml
-                        };
-                        for (rows, threads, t) in time_ggml(
-                            ty,
-                            n_rows,
-                            n_cols,
-                            &src,
-                            copies,
-                            &opts.rows,
-                            &opts.threads,
-                            repack,
-                            opts.min_time,
-                        )? {
-                            out.push(row(imp, rows, threads, copies, t));
+                for &rows in &opts.rows {
+                    let x_ctx = Context::new(8 * crate::ggml::tensor_overhead(), true)?;
+                    let x = x_ctx.new_tensor(GgmlType::F32, &[n_cols as i64, rows as i64]);
+                    let _x_buf = crate::ggml::BufferType::cpu().alloc_context_tensors(&x_ctx)?;
+                    x.write(&activations(rows, n_cols));
+                    for &threads in &opts.threads {
+                        let nth = threads.max(1);
+                        let backend = CpuBackend::new(nth)?;
+                        let nodes = graph_nodes(copies) + 8;
+                        let g_ctxs = ggml_weights
+                            .iter()
+                            .map(|_| Context::for_graph(nodes, nodes))
+                            .collect::<anyhow::Result<Vec<_>>>()?;
+                        let graphs = ggml_weights
+                            .iter()
+                            .zip(&g_ctxs)
+                            .map(|(w, ctx)| w.timer(ctx, x))
+                            .collect::<anyhow::Result<Vec<_>>>()?;
+                        let mut samples: Vec<Vec<f64>> =
+                            vec![Vec::new(); kernels.len() + graphs.len()];
+                        for round in 0..rounds {
+                            for i in 0..samples.len() {
+                                let j = (i + round) % samples.len();
+                                let more = if j < kernels.len() {
+                                    time_native(&kernels[j], &packed, rows, nth, slice)
+                                } else {
+                                    let t = graphs[j - kernels.len()].time(&backend, slice)?;
+                                    // ggml's workers would poll on through the next slice.
+                                    backend.pause();
+                                    t
+                                };
+                                samples[j].extend(more);
+                            }
+                        }
+                        let imps = kernels
+                            .iter()
+                            .map(|k| Implementation::Native(k.path()))
+                            .chain(ggml_weights.iter().map(|w| w.implementation));
+                        for (implementation, mut s) in imps.zip(samples) {
+                            s.sort_by(f64::total_cmp);
+                            let micros = s[s.len() / 2];
+                            out.push(MatmulBenchRow {
+                                implementation,
+                                ty,
+                                n_rows,
+                                n_cols,
+                                rows,
+                                threads,
+                                copies,
+                                micros,
+                                best_micros: s[0],
+                                gbytes_per_s: bytes / (micros * 1e3),
+                            });
                         }
                     }
                 }
@@ -232,7 +262,7 @@ pub fn bench_matmul(opts: &MatmulBenchOptions) -> anyhow::Result<Vec<MatmulBench
     Ok(out)
 }
 
-/// Median and best microseconds of one call of `k` on `rows` activation rows, cycling through
+/// The microseconds of calls of `k` on `rows` activation rows for `min_time`, cycling through
 /// the packed copies.
 fn time_native(
     k: &Matmul,
@@ -240,7 +270,7 @@ fn time_native(
     rows: usize,
     nth: usize,
     min_time: Duration,
-) -> (f64, f64) {
+) -> Vec<f64> {
     let (n, kc) = (packed[0].n_rows(), packed[0].n_cols());
     let x = activations(rows, kc);
     let mut y = vec![0f32; rows * n];
@@ -273,7 +303,7 @@ fn time_native(
             })
             .collect(),
     );
-    let t = time_parallel(nth, min_time, |g, ith| {
+    let t = time_parallel_samples(nth, min_time, |g, ith| {
         // SAFETY: x, y and the scratch are sized for these parameters (rows <= 8, the matrix's
         // shape), the packed matrices are valid; threads write disjoint rows of y.
         let rc = unsafe { k.run_raw(params.get(g), ith as i32, nth as i32) };
@@ -284,87 +314,116 @@ fn time_native(
     t
 }
 
-/// (activation rows, threads, (median, best) microseconds) of one ggml configuration.
-type GgmlTiming = (usize, usize, (f64, f64));
+/// `copies` copies of a matrix as ggml's tensors: in place (GGUF blocks) or in ggml's repacked
+/// layout.
+struct GgmlWeights<'c> {
+    implementation: Implementation,
+    ws: Vec<Tensor<'c>>,
+    _buf: BackendBuffer,
+}
 
-/// ggml's `mul_mat` on the same matrix: for each (rows, threads), the median and best
-/// microseconds per product. One graph holds max(copies, 16) products, product i with copy
-/// i % copies (amortising the graph launch as a decode step's graph does). Empty when ggml
-/// cannot repack this type on this CPU.
-#[allow(clippy::too_many_arguments)]
-fn time_ggml(
-    ty: WeightType,
-    n_rows: usize,
-    n_cols: usize,
-    src: &[u8],
-    copies: usize,
-    rows_list: &[usize],
-    threads_list: &[usize],
-    repack: bool,
-    min_time: Duration,
-) -> anyhow::Result<Vec<GgmlTiming>> {
-    let (n, k) = (n_rows as i64, n_cols as i64);
-    let w_ctx = Context::new((copies + 4) * crate::ggml::tensor_overhead(), true)?;
-    let ws: Vec<Tensor<'_>> = (0..copies)
-        .map(|_| w_ctx.new_tensor(ty.ggml(), &[k, n]))
-        .collect();
-    let _w_buf = if repack {
-        let Some(r) = RepackBufferType::find() else {
-            return Ok(Vec::new());
-        };
-        if !r.supports(ws[0]) {
-            return Ok(Vec::new());
-        }
-        let r = r.buffer_type();
-        let align = r.alignment();
-        let sizes: Vec<usize> = ws
-            .iter()
-            .map(|&t| r.alloc_size(t).next_multiple_of(align))
+impl<'c> GgmlWeights<'c> {
+    /// `None` when ggml cannot repack this type on this CPU (`repack`).
+    fn new(
+        w_ctx: &'c Context,
+        ty: WeightType,
+        n_rows: usize,
+        n_cols: usize,
+        src: &[u8],
+        copies: usize,
+        repack: bool,
+    ) -> anyhow::Result<Option<GgmlWeights<'c>>> {
+        let (n, k) = (n_rows as i64, n_cols as i64);
+        let ws: Vec<Tensor<'c>> = (0..copies)
+            .map(|_| w_ctx.new_tensor(ty.ggml(), &[k, n]))
             .collect();
-        let buf = r.alloc(sizes.iter().sum())?;
-        let mut at = 0;
-        for (&t, size) in ws.iter().zip(&sizes) {
-            buf.place(t, at)?;
-            t.write::<u8>(src);
-            at += size;
-        }
-        buf
-    } else {
-        let buf = crate::ggml::BufferType::cpu().alloc_context_tensors(&w_ctx)?;
-        for &t in &ws {
-            t.write::<u8>(src);
-        }
-        buf
-    };
-    let x_ctx = Context::new((rows_list.len() + 4) * crate::ggml::tensor_overhead(), true)?;
-    let xs: Vec<Tensor<'_>> = rows_list
-        .iter()
-        .map(|&r| x_ctx.new_tensor(GgmlType::F32, &[k, r as i64]))
-        .collect();
-    let _x_buf = crate::ggml::BufferType::cpu().alloc_context_tensors(&x_ctx)?;
-    for (&x, &r) in xs.iter().zip(rows_list) {
-        x.write(&activations(r, n_cols));
-    }
-    let nodes = copies.max(16);
-    let mut out = Vec::new();
-    for &threads in threads_list {
-        let backend = CpuBackend::new(threads.max(1))?;
-        for (&x, &rows) in xs.iter().zip(rows_list) {
-            let ctx = Context::for_graph(nodes + 8, nodes + 8)?;
-            let mut graph = ctx.new_graph(nodes + 8);
-            for i in 0..nodes {
-                graph.expand(ctx.mul_mat(ws[i % copies], x));
+        let buf = if repack {
+            let Some(r) = RepackBufferType::find() else {
+                return Ok(None);
+            };
+            if !r.supports(ws[0]) {
+                return Ok(None);
             }
-            let samples = time_graph(&backend, &graph, min_time)?;
-            let per_node = |us: f64| us / nodes as f64;
-            out.push((
-                rows,
-                threads,
-                (per_node(samples[samples.len() / 2]), per_node(samples[0])),
-            ));
-        }
+            let r = r.buffer_type();
+            let align = r.alignment();
+            let sizes: Vec<usize> = ws
+                .iter()
+                .map(|&t| r.alloc_size(t).next_multiple_of(align))
+                .collect();
+            let buf = r.alloc(sizes.iter().sum())?;
+            let mut at = 0;
+            for (&t, size) in ws.iter().zip(&sizes) {
+                buf.place(t, at)?;
+                t.write::<u8>(src);
+                at += size;
+            }
+            buf
+        } else {
+            let buf = crate::ggml::BufferType::cpu().alloc_context_tensors(w_ctx)?;
+            for &t in &ws {
+                t.write::<u8>(src);
+            }
+            buf
+        };
+        Ok(Some(GgmlWeights {
+            implementation: if repack {
+                Implementation::GgmlRepack
+            } else {
+                Implementation::Ggml
+            },
+            ws,
+            _buf: buf,
+        }))
     }
-    Ok(out)
+
+    /// A graph (in `ctx`, see [`graph_nodes`]) of products `w_i · x`, product i with copy
+    /// i % copies (amortising the graph launch as a decode step's graph does), allocated.
+    fn timer<'g>(&self, ctx: &'g Context, x: Tensor<'_>) -> anyhow::Result<GgmlTimer<'g>> {
+        let nodes = graph_nodes(self.ws.len());
+        let mut graph = ctx.new_graph(nodes + 8);
+        for i in 0..nodes {
+            graph.expand(ctx.mul_mat(self.ws[i % self.ws.len()], x));
+        }
+        let mut alloc = GraphAllocator::new()?;
+        alloc.alloc(&graph)?;
+        Ok(GgmlTimer {
+            graph,
+            nodes,
+            warm: std::cell::Cell::new(false),
+            _alloc: alloc,
+        })
+    }
+}
+
+/// Products per ggml graph for `copies` copies of a matrix.
+fn graph_nodes(copies: usize) -> usize {
+    copies.max(16)
+}
+
+/// An allocated graph of ggml products, timed per product.
+struct GgmlTimer<'g> {
+    graph: Graph<'g>,
+    nodes: usize,
+    warm: std::cell::Cell<bool>,
+    _alloc: GraphAllocator,
+}
+
+impl GgmlTimer<'_> {
+    /// Microseconds per product of computations of the whole graph for `min_time` (at least
+    /// one; the first call also computes it once untimed, to warm up).
+    fn time(&self, backend: &CpuBackend, min_time: Duration) -> anyhow::Result<Vec<f64>> {
+        if !self.warm.replace(true) {
+            backend.compute(&self.graph)?;
+        }
+        let mut samples = Vec::new();
+        let start = Instant::now();
+        while samples.is_empty() || start.elapsed() < min_time {
+            let t = Instant::now();
+            backend.compute(&self.graph)?;
+            samples.push(t.elapsed().as_secs_f64() * 1e6 / self.nodes as f64);
+        }
+        Ok(samples)
+    }
 }
 
 /// Formats the rows as Markdown: per weight type and shape, one line per (copies, rows,
