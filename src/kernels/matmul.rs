@@ -821,7 +821,7 @@ impl Matmul {
     }
 
     /// The path's name, with the tiles of its one-row products where they are narrower
-    /// (`avx512vnni, one row 256-bit`), for `info` and logs.
+    /// (`avx512vnni, one row of Q4_0/Q4_K/Q6_K 256-bit`), for `info` and logs.
     pub fn describe(&self) -> String {
         if self.path == MatmulPath::Avx512Vnni && narrow_one_row() {
             format!("{}, one row of Q4_0/Q4_K/Q6_K 256-bit", self.path)
