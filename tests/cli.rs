@@ -232,7 +232,12 @@ fn bench_matmul_reports_every_path_and_ggml() {
         for p in &paths {
             assert!(header.contains(&format!(" {} |", p.name())), "{header}");
         }
-        assert!(header.contains(" ggml | ggml repack |"), "{header}");
+        assert!(
+            header.contains(
+                " ggml | ggml repack | read | best native vs ggml | best native of read |"
+            ),
+            "{header}"
+        );
     }
     assert!(out.contains("| memory (2 copies) | 3 | 2 |"), "{out}");
     let bad = mistrald(&["bench-matmul", "--types", "q5_0"]);

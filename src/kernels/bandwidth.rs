@@ -31,7 +31,7 @@ pub struct ReadBandwidth {
 /// from being removed. Explicit 128-bit vectors (SSE2, NEON: part of the base instruction
 /// sets): left to itself the compiler vectorizes across lines with gathers, at a sixth of
 /// the speed.
-fn sum_lines(bytes: &[u8]) -> u64 {
+pub(crate) fn sum_lines(bytes: &[u8]) -> u64 {
     // SAFETY: any bytes are valid u64 words; align_to splits off the unaligned ends.
     let (head, lines, tail) = unsafe { bytes.align_to::<[u64; 8]>() };
     let ends: u64 = head.iter().chain(tail).map(|&b| u64::from(b)).sum();
@@ -84,6 +84,15 @@ fn sum_words(lines: &[[u64; 8]]) -> u64 {
 
 /// Bytes of memory available to new allocations (`MemAvailable` of `/proc/meminfo`; `None`
 /// where that is not readable).
+/// Reads thread `ith`'s share of `data` (of `nth` contiguous shares split at cache lines, the
+/// last taking the rest) with [`sum_lines`]: the plain read the bandwidth is measured with.
+pub(crate) fn read_share(data: &[u8], ith: usize, nth: usize) -> u64 {
+    let bytes = data.len();
+    let line = |t: usize| (bytes / 64) * t / nth * 64;
+    let end = if ith + 1 == nth { bytes } else { line(ith + 1) };
+    std::hint::black_box(sum_lines(std::hint::black_box(&data[line(ith)..end])))
+}
+
 fn available_memory() -> Option<usize> {
     let info = std::fs::read_to_string("/proc/meminfo").ok()?;
     let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
@@ -134,16 +143,8 @@ impl ReadProbe {
     /// up): the median and best rate of one pass.
     pub fn measure(&self, min_time: Duration) -> ReadBandwidth {
         let (bytes, threads, data) = (self.bytes, self.threads, self.buf.bytes());
-        let share = |ith: usize| {
-            let line = |t: usize| (bytes / 64) * t / threads * 64;
-            &data[line(ith)..if ith + 1 == threads {
-                bytes
-            } else {
-                line(ith + 1)
-            }]
-        };
         let (median_us, best_us) = time_parallel(threads, min_time, |_, ith| {
-            std::hint::black_box(sum_lines(std::hint::black_box(share(ith))));
+            read_share(data, ith, threads);
         });
         let gbs = |us: f64| bytes as f64 / us / 1e3;
         ReadBandwidth {

@@ -5,6 +5,9 @@
 //! place (ggml's own block layout, `--no-repack`) and converted into ggml's interleaved
 //! repack layout (what the engine uses by default), 1 and 2 threads.
 //!
+//! A plain read of the same packed copies by the same threads (`read`) is timed with them: the
+//! rate a product that reads each byte once cannot beat, measured at the same moments.
+//!
 //! The implementations of one configuration are timed in turns (`rounds` slices each, the order
 //! rotating every round) and each reports the median over all its slices, so their ratio
 //! compares the same stretch of time on a machine whose memory bandwidth moves within seconds.
@@ -16,6 +19,7 @@
 //! amount of data (the packed layout is as large as GGUF's for Q4_0/Q8_0, 3% and 1% larger for
 //! Q4_K/Q6_K).
 
+use super::bandwidth::read_share;
 use super::bench::time_parallel_samples;
 use super::matmul::{Matmul, MatmulPath, PackedMatrix, RawMatmulParams, WeightType, MAX_BATCH};
 use crate::ggml::{
@@ -71,6 +75,9 @@ pub enum Implementation {
     Ggml,
     /// ggml's `mul_mat` with the weight in ggml's repacked (interleaved) layout.
     GgmlRepack,
+    /// No product: every thread reads its share of the packed copies with plain vector loads,
+    /// as the bandwidth probe does (the bound of a product that reads each byte once).
+    Read,
 }
 
 impl Implementation {
@@ -80,6 +87,7 @@ impl Implementation {
             Implementation::Native(p) => p.name().to_string(),
             Implementation::Ggml => "ggml".to_string(),
             Implementation::GgmlRepack => "ggml repack".to_string(),
+            Implementation::Read => "read".to_string(),
         }
     }
 }
@@ -218,13 +226,18 @@ pub fn bench_matmul(opts: &MatmulBenchOptions) -> anyhow::Result<Vec<MatmulBench
                             .zip(&g_ctxs)
                             .map(|(w, ctx)| w.timer(ctx, x))
                             .collect::<anyhow::Result<Vec<_>>>()?;
+                        // Native paths, ggml's graphs, then the plain read of the packed copies.
                         let mut samples: Vec<Vec<f64>> =
-                            vec![Vec::new(); kernels.len() + graphs.len()];
+                            vec![Vec::new(); kernels.len() + graphs.len() + 1];
                         for round in 0..rounds {
                             for i in 0..samples.len() {
                                 let j = (i + round) % samples.len();
                                 let more = if j < kernels.len() {
                                     time_native(&kernels[j], &packed, rows, nth, slice)
+                                } else if j == samples.len() - 1 {
+                                    time_parallel_samples(nth, slice, |g, ith| {
+                                        read_share(packed[g as usize % copies].bytes(), ith, nth);
+                                    })
                                 } else {
                                     let t = graphs[j - kernels.len()].time(&backend, slice)?;
                                     // ggml's workers would poll on through the next slice.
@@ -237,7 +250,8 @@ pub fn bench_matmul(opts: &MatmulBenchOptions) -> anyhow::Result<Vec<MatmulBench
                         let imps = kernels
                             .iter()
                             .map(|k| Implementation::Native(k.path()))
-                            .chain(ggml_weights.iter().map(|w| w.implementation));
+                            .chain(ggml_weights.iter().map(|w| w.implementation))
+                            .chain([Implementation::Read]);
                         for (implementation, mut s) in imps.zip(samples) {
                             s.sort_by(f64::total_cmp);
                             let micros = s[s.len() / 2];
@@ -427,8 +441,9 @@ impl GgmlTimer<'_> {
 }
 
 /// Formats the rows as Markdown: per weight type and shape, one line per (copies, rows,
-/// threads) with each implementation's GB/s and the best native path against the faster of
-/// ggml's two layouts.
+/// threads) with each implementation's GB/s, the best native path against the faster of
+/// ggml's two layouts, and against the plain read of the same copies (the bound, measured in
+/// turns with the products).
 pub fn format_table(rows: &[MatmulBenchRow]) -> String {
     let mut imps: Vec<Implementation> = Vec::new();
     for r in rows {
@@ -451,8 +466,8 @@ pub fn format_table(rows: &[MatmulBenchRow]) -> String {
         for i in &imps {
             s += &format!(" {} |", i.name());
         }
-        s += " best native vs ggml |\n|---|---:|---:|";
-        s += &"---:|".repeat(imps.len() + 1);
+        s += " best native vs ggml | best native of read |\n|---|---:|---:|";
+        s += &"---:|".repeat(imps.len() + 2);
         s += "\n";
         let mut keys: Vec<(usize, usize, usize)> = Vec::new();
         for r in rows
@@ -483,14 +498,21 @@ pub fn format_table(rows: &[MatmulBenchRow]) -> String {
                     None => s += " - |",
                 }
             }
-            let best = |native: bool| {
+            let best = |of: fn(Implementation) -> bool| {
                 here.iter()
-                    .filter(|r| matches!(r.implementation, Implementation::Native(_)) == native)
+                    .filter(|r| of(r.implementation))
                     .map(|r| r.gbytes_per_s)
                     .fold(None, |a: Option<f64>, v| Some(a.map_or(v, |a| a.max(v))))
             };
-            match (best(true), best(false)) {
-                (Some(a), Some(b)) => s += &format!(" {:.2}× |\n", a / b),
+            let native = best(|i| matches!(i, Implementation::Native(_)));
+            let ggml = best(|i| matches!(i, Implementation::Ggml | Implementation::GgmlRepack));
+            let read = best(|i| i == Implementation::Read);
+            match (native, ggml) {
+                (Some(a), Some(b)) => s += &format!(" {:.2}× |", a / b),
+                _ => s += " - |",
+            }
+            match (native, read) {
+                (Some(a), Some(b)) => s += &format!(" {:.0} % |\n", 100.0 * a / b),
                 _ => s += " - |\n",
             }
         }
