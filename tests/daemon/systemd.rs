@@ -234,12 +234,20 @@ fn service_manager_protocols_socket_activation_ready_watchdog_reload_stop() {
             |_| t0.elapsed() < span,
         ))
         .unwrap();
-        (code, events.len(), t0, Instant::now())
+        let done = events.iter().any(|e| e == "[DONE]");
+        (code, events.len(), done, t0, Instant::now())
     });
     notes.collect_for(span + Duration::from_millis(300));
-    let (code, n_events, gen_start, gen_end) = streaming.join().unwrap();
+    let (code, n_events, done, gen_start, gen_end) = streaming.join().unwrap();
     assert_eq!(code, 200);
-    assert!(n_events > 20, "the generation ran: {n_events} events");
+    // The generation ran for the whole span (tokens kept coming, it had not finished); how
+    // many tokens that is depends on the machine's load (19 in 3 s seen with the load test
+    // running beside this one on 2 cores).
+    assert!(
+        n_events >= 2 && !done && gen_end - gen_start >= span,
+        "the generation ran: {n_events} events in {:?}, finished: {done}",
+        gen_end - gen_start
+    );
     let pings: Vec<Instant> = notes
         .times_of("WATCHDOG=1")
         .into_iter()
