@@ -82,8 +82,6 @@ fn sum_words(lines: &[[u64; 8]]) -> u64 {
     lines.iter().flatten().fold(0u64, |s, &w| s.wrapping_add(w))
 }
 
-/// Bytes of memory available to new allocations (`MemAvailable` of `/proc/meminfo`; `None`
-/// where that is not readable).
 /// Reads thread `ith`'s share of `data` (of `nth` contiguous shares split at cache lines, the
 /// last taking the rest) with [`sum_lines`]: the plain read the bandwidth is measured with.
 pub(crate) fn read_share(data: &[u8], ith: usize, nth: usize) -> u64 {
@@ -93,6 +91,8 @@ pub(crate) fn read_share(data: &[u8], ith: usize, nth: usize) -> u64 {
     std::hint::black_box(sum_lines(std::hint::black_box(&data[line(ith)..end])))
 }
 
+/// Bytes of memory available to new allocations (`MemAvailable` of `/proc/meminfo`; `None`
+/// where that is not readable).
 fn available_memory() -> Option<usize> {
     let info = std::fs::read_to_string("/proc/meminfo").ok()?;
     let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;

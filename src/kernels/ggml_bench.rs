@@ -71,7 +71,7 @@ pub fn ggml_flash_attn_micros(
 
 /// Allocates `graph`, computes it once to warm up, then times whole computations for at least
 /// `min_time` (and at least 5): the samples in microseconds, sorted ascending.
-pub(crate) fn time_graph(
+fn time_graph(
     backend: &CpuBackend,
     graph: &Graph<'_>,
     min_time: Duration,
@@ -79,14 +79,26 @@ pub(crate) fn time_graph(
     let mut alloc = GraphAllocator::new()?;
     alloc.alloc(graph)?;
     backend.compute(graph)?; // warm-up
+    let mut samples = compute_samples(backend, graph, min_time, 5)?;
+    samples.sort_by(f64::total_cmp);
+    Ok(samples)
+}
+
+/// Times whole computations of an allocated `graph` for at least `min_time` and `min_samples`
+/// computations: the microseconds of each, in the order taken.
+pub(crate) fn compute_samples(
+    backend: &CpuBackend,
+    graph: &Graph<'_>,
+    min_time: Duration,
+    min_samples: usize,
+) -> anyhow::Result<Vec<f64>> {
     let mut samples = Vec::new();
     let start = Instant::now();
-    while start.elapsed() < min_time || samples.len() < 5 {
+    while start.elapsed() < min_time || samples.len() < min_samples {
         let t = Instant::now();
         backend.compute(graph)?;
         samples.push(t.elapsed().as_secs_f64() * 1e6);
     }
-    samples.sort_by(f64::total_cmp);
     Ok(samples)
 }
 

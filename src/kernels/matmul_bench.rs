@@ -21,11 +21,12 @@
 
 use super::bandwidth::read_share;
 use super::bench::time_parallel_samples;
+use super::ggml_bench::compute_samples;
 use super::matmul::{Matmul, MatmulPath, PackedMatrix, RawMatmulParams, WeightType, MAX_BATCH};
 use crate::ggml::{
     BackendBuffer, Context, CpuBackend, GgmlType, Graph, GraphAllocator, RepackBufferType, Tensor,
 };
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// What to measure.
 #[derive(Debug, Clone)]
@@ -226,27 +227,15 @@ pub fn bench_matmul(opts: &MatmulBenchOptions) -> anyhow::Result<Vec<MatmulBench
                             .zip(&g_ctxs)
                             .map(|(w, ctx)| w.timer(ctx, x))
                             .collect::<anyhow::Result<Vec<_>>>()?;
-                        // Native paths, ggml's graphs, then the plain read of the packed copies.
-                        let mut samples: Vec<Vec<f64>> =
-                            vec![Vec::new(); kernels.len() + graphs.len() + 1];
-                        for round in 0..rounds {
-                            for i in 0..samples.len() {
-                                let j = (i + round) % samples.len();
-                                let more = if j < kernels.len() {
-                                    time_native(&kernels[j], &packed, rows, nth, slice)
-                                } else if j == samples.len() - 1 {
-                                    time_parallel_samples(nth, slice, |g, ith| {
-                                        read_share(packed[g as usize % copies].bytes(), ith, nth);
-                                    })
-                                } else {
-                                    let t = graphs[j - kernels.len()].time(&backend, slice)?;
-                                    // ggml's workers would poll on through the next slice.
-                                    backend.pause();
-                                    t
-                                };
-                                samples[j].extend(more);
-                            }
-                        }
+                        let turns = Turns {
+                            kernels: &kernels,
+                            packed: &packed,
+                            graphs: &graphs,
+                            backend: &backend,
+                            rows,
+                            nth,
+                        };
+                        let samples = turns.time(rounds, slice)?;
                         let imps = kernels
                             .iter()
                             .map(|k| Implementation::Native(k.path()))
@@ -274,6 +263,46 @@ pub fn bench_matmul(opts: &MatmulBenchOptions) -> anyhow::Result<Vec<MatmulBench
         }
     }
     Ok(out)
+}
+
+/// The implementations of one configuration, timed in turns.
+struct Turns<'a, 'g> {
+    kernels: &'a [Matmul],
+    packed: &'a [PackedMatrix],
+    graphs: &'a [GgmlTimer<'g>],
+    backend: &'a CpuBackend,
+    rows: usize,
+    nth: usize,
+}
+
+impl Turns<'_, '_> {
+    /// Microseconds per call of each implementation — the native paths, ggml's graphs, then
+    /// the plain read of the packed copies — over `rounds` rounds of one `slice` each, the
+    /// order rotating every round.
+    fn time(&self, rounds: usize, slice: Duration) -> anyhow::Result<Vec<Vec<f64>>> {
+        let (n_native, nth) = (self.kernels.len(), self.nth);
+        let mut samples: Vec<Vec<f64>> = vec![Vec::new(); n_native + self.graphs.len() + 1];
+        for round in 0..rounds {
+            for i in 0..samples.len() {
+                let j = (i + round) % samples.len();
+                let more = if j < n_native {
+                    time_native(&self.kernels[j], self.packed, self.rows, nth, slice)
+                } else if j == samples.len() - 1 {
+                    time_parallel_samples(nth, slice, |g, ith| {
+                        let copy = &self.packed[g as usize % self.packed.len()];
+                        read_share(copy.bytes(), ith, nth);
+                    })
+                } else {
+                    let t = self.graphs[j - n_native].time(self.backend, slice)?;
+                    // ggml's workers would poll on through the next slice.
+                    self.backend.pause();
+                    t
+                };
+                samples[j].extend(more);
+            }
+        }
+        Ok(samples)
+    }
 }
 
 /// The microseconds of calls of `k` on `rows` activation rows for `min_time`, cycling through
@@ -429,14 +458,8 @@ impl GgmlTimer<'_> {
         if !self.warm.replace(true) {
             backend.compute(&self.graph)?;
         }
-        let mut samples = Vec::new();
-        let start = Instant::now();
-        while samples.is_empty() || start.elapsed() < min_time {
-            let t = Instant::now();
-            backend.compute(&self.graph)?;
-            samples.push(t.elapsed().as_secs_f64() * 1e6 / self.nodes as f64);
-        }
-        Ok(samples)
+        let samples = compute_samples(backend, &self.graph, min_time, 1)?;
+        Ok(samples.iter().map(|us| us / self.nodes as f64).collect())
     }
 }
 
