@@ -495,6 +495,28 @@ impl Term<'_> {
         }
     }
 
+    /// Whether a failed chat turn is dropped and the chat goes on (at a terminal, unless
+    /// stdout itself failed) instead of ending `mistralctl chat`.
+    fn survives_failed_turn(&self, e: &CtlError) -> bool {
+        self.interactive && !matches!(e, CtlError::Output(_))
+    }
+
+    /// Reports a chat turn that failed at a terminal (see [`Term::survives_failed_turn`]):
+    /// an interruption as such, a request the daemon refused with a hint that `/reset`
+    /// starts over, anything else as an error.
+    fn report_failed_turn(&mut self, e: &CtlError) {
+        match e {
+            CtlError::Interrupted => {
+                let _ = writeln!(self.err, "mistralctl: interrupted");
+            }
+            CtlError::Daemon { status, .. } if status.is_client_error() => {
+                self.report_error(e);
+                let _ = writeln!(self.err, "mistralctl: (/reset starts a new conversation)");
+            }
+            _ => self.report_error(e),
+        }
+    }
+
     fn write_out(&mut self, text: &str) -> Result<(), CtlError> {
         if text.is_empty() {
             return Ok(());
@@ -724,19 +746,9 @@ async fn chat(client: &Client, args: &ChatArgs, term: &mut Term<'_>) -> Result<(
         match result {
             Ok(outcome) => history.push(json!({ "role": "assistant", "content": outcome.text })),
             // At a terminal, a failed or interrupted turn is dropped and the chat goes on.
-            Err(e) if term.interactive && !matches!(e, CtlError::Output(_)) => {
+            Err(e) if term.survives_failed_turn(&e) => {
                 history.pop();
-                match &e {
-                    CtlError::Interrupted => {
-                        let _ = writeln!(term.err, "mistralctl: interrupted");
-                    }
-                    CtlError::Daemon { status, .. } if status.is_client_error() => {
-                        term.report_error(&e);
-                        let _ =
-                            writeln!(term.err, "mistralctl: (/reset starts a new conversation)");
-                    }
-                    _ => term.report_error(&e),
-                }
+                term.report_failed_turn(&e);
             }
             Err(e) => return Err(e),
         }

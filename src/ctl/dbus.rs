@@ -394,19 +394,9 @@ async fn chat(bus: DbusBus, args: &ChatArgs, term: &mut Term<'_>) -> Result<(), 
         match result {
             Ok(outcome) => history.push(("assistant".into(), outcome.text)),
             // At a terminal, a failed or interrupted turn is dropped and the chat goes on.
-            Err(Failure::Ctl(e)) if term.interactive && !matches!(e, CtlError::Output(_)) => {
+            Err(Failure::Ctl(e)) if term.survives_failed_turn(&e) => {
                 history.pop();
-                match &e {
-                    CtlError::Interrupted => {
-                        let _ = writeln!(term.err, "mistralctl: interrupted");
-                    }
-                    CtlError::Daemon { status, .. } if status.is_client_error() => {
-                        term.report_error(&e);
-                        let _ =
-                            writeln!(term.err, "mistralctl: (/reset starts a new conversation)");
-                    }
-                    _ => term.report_error(&e),
-                }
+                term.report_failed_turn(&e);
             }
             Err(e) => return Err(e),
         }

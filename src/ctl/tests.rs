@@ -157,6 +157,16 @@ async fn run_with(
     stdin: &str,
     interrupt: &dyn Fn() -> Interrupt,
 ) -> (i32, String, String) {
+    run_term(args, stdin, interrupt, false).await
+}
+
+/// [`run_with`], stdin a terminal or not (prompts; the chat's recovery from failed turns).
+async fn run_term(
+    args: &[&str],
+    stdin: &str,
+    interrupt: &dyn Fn() -> Interrupt,
+    interactive: bool,
+) -> (i32, String, String) {
     let cli = Cli::try_parse_from(args).unwrap();
     let mut out = Vec::new();
     let mut err = Vec::new();
@@ -166,7 +176,7 @@ async fn run_with(
             out: &mut out,
             err: &mut err,
             input: &mut input,
-            interactive: false,
+            interactive,
             interrupt,
             line_open: false,
         };
@@ -181,6 +191,11 @@ async fn run_with(
 
 async fn run_args(args: &[&str], stdin: &str) -> (i32, String, String) {
     run_with(args, stdin, &never).await
+}
+
+/// Runs `mistralctl ARGS` with `stdin` as if stdin were a terminal.
+async fn run_at_terminal(args: &[&str], stdin: &str) -> (i32, String, String) {
+    run_term(args, stdin, &never, true).await
 }
 
 // ---- argument parsing -------------------------------------------------------------------
@@ -820,6 +835,51 @@ async fn chat_ends_at_eof_and_stops_at_the_first_error_when_piped() {
 
     let (code, out, err) = run_args(&["mistralctl", "--socket", server.socket(), "chat"], "").await;
     assert_eq!((code, out.as_str(), err.as_str()), (0, "", ""));
+}
+
+#[tokio::test]
+async fn chat_at_a_terminal_drops_a_failed_turn_and_goes_on() {
+    // "refuse" gets a 400 (the client's fault: the hint to /reset), "fail" a 500 (no hint);
+    // anything else an answer.
+    let server = start_server(|r| {
+        let messages = r.body["messages"].as_array().unwrap();
+        match messages.last().unwrap()["content"].as_str().unwrap() {
+            "refuse" => error_response(400, "the prompt is too long"),
+            "fail" => error_response(500, "the engine failed"),
+            last => sse_response(vec![
+                chat_chunk(json!({ "content": format!("re: {last}") }), None),
+                chat_chunk(json!({}), Some("stop")),
+                done(),
+            ]),
+        }
+    });
+    let (code, out, err) = run_at_terminal(
+        &["mistralctl", "--socket", server.socket(), "chat"],
+        "hello\nrefuse\nfail\nagain\n",
+    )
+    .await;
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out, "re: hello\nre: again\n");
+    assert!(
+        err.contains(
+            "mistralctl: the prompt is too long\nmistralctl: (/reset starts a new conversation)\n"
+        ),
+        "{err}"
+    );
+    assert!(err.contains("mistralctl: the engine failed\n"), "{err}");
+    assert_eq!(
+        err.matches("/reset starts a new conversation").count(),
+        1,
+        "{err}"
+    );
+    // The failed turns left nothing in the history.
+    let user = |c: &str| json!({ "role": "user", "content": c });
+    let assistant = |c: &str| json!({ "role": "assistant", "content": c });
+    let last = server.requests().pop().unwrap().body;
+    assert_eq!(
+        last["messages"],
+        json!([user("hello"), assistant("re: hello"), user("again")])
+    );
 }
 
 #[tokio::test]
