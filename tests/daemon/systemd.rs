@@ -253,22 +253,31 @@ fn service_manager_protocols_socket_activation_ready_watchdog_reload_stop() {
         .into_iter()
         .filter(|t| *t >= gen_start && *t <= gen_end)
         .collect();
-    // The engine pings every quarter interval (500 ms): about 6 in 3 s.
+    // The engine pings at most every quarter interval (500 ms): about 6 in 3 s on an idle
+    // machine, fewer when the engine's steps are slowed (3 seen with the whole suite running
+    // beside this test on 2 cores). What the service manager checks, and so this test, is
+    // that no watchdog interval passes without one: from the start of the generation to the
+    // first ping, between pings, and from the last ping to the end.
     assert!(
-        pings.len() >= 4,
+        pings.len() >= 2,
         "{} WATCHDOG=1 during {:?} of generation: {:?}",
         pings.len(),
         gen_end - gen_start,
         notes.messages()
     );
-    let longest_gap = pings
+    let marks: Vec<Instant> = std::iter::once(gen_start)
+        .chain(pings.iter().copied())
+        .chain(std::iter::once(gen_end))
+        .collect();
+    let longest_gap = marks
         .windows(2)
         .map(|w| w[1] - w[0])
         .max()
         .unwrap_or_default();
     assert!(
         longest_gap < watchdog,
-        "pings must come within the watchdog interval: longest gap {longest_gap:?}"
+        "pings must come within the watchdog interval: longest gap {longest_gap:?} in {:?}",
+        gen_end - gen_start
     );
 
     // SIGHUP: RELOADING=1 (with MONOTONIC_USEC), then READY=1 again.
