@@ -25,8 +25,8 @@
  * while its unpacked values are in registers; the per-row results stay in
  * vector lanes until the tile's end (no horizontal sums). The weights are
  * prefetched mk_mm_pf_distance bytes ahead into L2 (continuing into the
- * next tile), one prefetch per 64 bytes read, and on x86 the quantized
- * values also MM_PF_L1_DISTANCE bytes ahead into L1.
+ * next tile), one prefetch per 64 bytes read, and on x86 the 4- and 6-bit
+ * values also MM_PF_L1_DISTANCE bytes ahead into L1 (mm_pf_quant_lines).
  */
 #define MM_RV (MM_TILE / MM_LANES)
 
@@ -53,15 +53,21 @@ MM_INLINE void mm_pf_lines_step(const uint8_t *cur, size_t dist, const uint8_t *
     }
 }
 
-/* Prefetches `lines` cache lines `dist` bytes ahead of cur in its section into L2 and, for
- * a weight stream (dist of 4 KB or more), MM_PF_L1_DISTANCE bytes ahead into L1 too. The
- * 4- and 6-bit tiles use it for their quantized values; Q8_0's tiles prefetch into L2 only
- * (the 512-bit one-row Q8_0 tile, the least work per byte, streamed at 49-75 % of the read
- * with the L1 prefetch against 78-94 % without). */
+/* Prefetches `lines` cache lines `dist` bytes ahead of cur in its section (into L2). */
 MM_INLINE void mm_pf_lines(const uint8_t *cur, size_t dist, const uint8_t *end, size_t len, size_t tb, int lines)
 {
     mm_pf_lines_step(cur, dist, end, len, tb, lines, 1);
-    if (MM_PF_L1_DISTANCE && dist >= 4096) {
+}
+
+/* The 4- and 6-bit tiles' quantized values: mm_pf_lines, and MM_PF_L1_DISTANCE bytes ahead
+ * into L1 too where the L2 prefetch runs at least twice as far ahead. Q8_0's tiles and the
+ * scale sections prefetch into L2 only (the 512-bit one-row Q8_0 tile, the least work per
+ * byte, streamed at 49-75 % of the read with the L1 prefetch against 78-94 % without). */
+MM_INLINE void mm_pf_quant_lines(const uint8_t *cur, size_t dist, const uint8_t *end, size_t len, size_t tb,
+                                 int lines)
+{
+    mm_pf_lines(cur, dist, end, len, tb, lines);
+    if (MM_PF_L1_DISTANCE && dist >= 2 * (size_t)MM_PF_L1_DISTANCE) {
         const uint8_t *p1 = mm_pf_addr(cur, MM_PF_L1_DISTANCE, end, len, tb);
         for (int i = 0; i < lines; i++)
             MM_PF_L1(p1 + 64 * i);
@@ -116,7 +122,7 @@ MM_INLINE void mm_g_q4_0(const uint8_t *tile, size_t tb, const struct mm_act *a,
     }
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t *qb = q + 256 * b;
-        mm_pf_lines(qb, pfd, q + qlen, qlen, tb, 4);
+        mm_pf_quant_lines(qb, pfd, q + qlen, qlen, tb, 4);
         if ((b & 1) == 0)
             mm_pf_lines(meta + 32 * b, pfd / 8, meta + mlen, mlen, tb, 1);
         const int8_t *xb[MK_MM_MAX_NR];
@@ -207,7 +213,7 @@ MM_INLINE void mm_g_q4_k(const uint8_t *tile, size_t tb, const struct mm_act *a,
         for (int j = 0; j < 8; j++) {
             const int64_t b = 8 * sb + j;
             const uint8_t *qb = q + 2048 * sb + 256 * j;
-            mm_pf_lines(qb, pfd, q + qlen, qlen, tb, 4);
+            mm_pf_quant_lines(qb, pfd, q + qlen, qlen, tb, 4);
             const int8_t *xb[MK_MM_MAX_NR];
             MM_FOR_R xb[r] = a->q + (r0 + r) * a->K + 32 * b;
             MM_FOR_RV
@@ -247,7 +253,7 @@ MM_INLINE void mm_g_q6_k(const uint8_t *tile, size_t tb, const struct mm_act *a,
         for (int j = 0; j < 8; j++) {
             const int64_t b = 8 * sb + j;
             const uint8_t *ql = q + 3072 * sb + 384 * j, *qh = ql + 256;
-            mm_pf_lines(ql, pfd, q + qlen, qlen, tb, 6);
+            mm_pf_quant_lines(ql, pfd, q + qlen, qlen, tb, 6);
             const int8_t *xb[MK_MM_MAX_NR];
             MM_FOR_R xb[r] = a->q + (r0 + r) * a->K + 32 * b;
             MM_FOR_RV
