@@ -137,8 +137,9 @@ fn bench_and_info_report() {
     ] {
         assert!(v[key].as_f64().unwrap() > 0.0, "{key} in {out}");
     }
-    // 4 tokens: a sample before the first and one at the end.
+    // 4 tokens: a sample before the first and one at the end, of the buffer asked for.
     assert_eq!(v["read_samples"], 2, "{out}");
+    assert_eq!(v["read_probe_bytes"], 8 << 20, "{out}");
     // Decode reads every tensor of the file but the token embeddings.
     let bytes = std::fs::read(&model).unwrap();
     let info = mistrald::ggml::gguf::GgufFile::parse(&bytes, &model).unwrap();

@@ -7,7 +7,13 @@
 //! between decoded tokens, so decode speed can be stated as a fraction of what the memory
 //! delivered at that time: on shared machines the available bandwidth moves by a factor of two
 //! within a minute, so a bound measured at another time says little.
-
+//!
+//! The buffer must be large enough that no part of it is still cached when a pass comes back
+//! to it: decode reads gigabytes of fresh memory per token. Measured on Zen 4 (32 MiB L3):
+//! passes over one 128 MiB buffer with these 128-bit loads ran 1.11-1.16x as fast as reads of
+//! fresh memory (the L3 kept part of the buffer across passes; passes that each read a new
+//! 128 MiB region of a larger buffer: 1.03x), while 512 MiB and 1 GiB buffers read at the rate
+//! of fresh memory (BENCHMARKS.md §7). Hence [`default_probe_bytes`].
 use std::time::Duration;
 
 use super::bench::time_parallel;
@@ -100,6 +106,22 @@ fn available_memory() -> Option<usize> {
     kib.checked_mul(1024)
 }
 
+/// The probe buffer's size when none is asked for: 1 GiB ([`DEFAULT_PROBE_BYTES`]: on the
+/// machines measured, 32 times the last-level cache and more), or a quarter of the memory
+/// available (`available`, bytes) where that is less, in whole MiB, at least 1 MiB.
+pub fn default_probe_bytes(available: Option<usize>) -> usize {
+    let quarter = available.map_or(usize::MAX, |a| (a / 4) & !((1 << 20) - 1));
+    DEFAULT_PROBE_BYTES.min(quarter).max(1 << 20)
+}
+
+/// The largest probe buffer chosen by [`default_probe_bytes`].
+pub const DEFAULT_PROBE_BYTES: usize = 1 << 30;
+
+/// A probe of [`default_probe_bytes`] for this machine's available memory.
+pub fn default_probe_bytes_here() -> usize {
+    default_probe_bytes(available_memory())
+}
+
 /// A buffer for repeated measurements of the read bandwidth, allocated and written once: the
 /// benchmark samples the bandwidth between decoded tokens with it.
 pub struct ReadProbe {
@@ -139,6 +161,11 @@ impl ReadProbe {
         })
     }
 
+    /// Bytes read per pass.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
     /// Reads the buffer over and over for at least `min_time` (and 10 passes, after 3 to warm
     /// up): the median and best rate of one pass.
     pub fn measure(&self, min_time: Duration) -> ReadBandwidth {
@@ -164,6 +191,20 @@ mod tests {
     fn as_bytes(words: &[u64]) -> &[u8] {
         // SAFETY: u64s are 8 plain bytes each.
         unsafe { words.align_to::<u8>().1 }
+    }
+
+    #[test]
+    fn default_probe_is_a_gib_or_a_quarter_of_the_available_memory() {
+        const MIB: usize = 1 << 20;
+        assert_eq!(default_probe_bytes(None), 1024 * MIB);
+        assert_eq!(default_probe_bytes(Some(16 * 1024 * MIB)), 1024 * MIB);
+        assert_eq!(default_probe_bytes(Some(4 * 1024 * MIB)), 1024 * MIB);
+        // Less than 4 GiB available: a quarter, rounded down to whole MiB.
+        assert_eq!(default_probe_bytes(Some(3 * 1024 * MIB + 7)), 768 * MIB);
+        assert_eq!(default_probe_bytes(Some(1000 * MIB + 3 * MIB)), 250 * MIB);
+        // Never below 1 MiB (ReadProbe::new then says what is missing).
+        assert_eq!(default_probe_bytes(Some(MIB)), MIB);
+        assert_eq!(default_probe_bytes(Some(0)), MIB);
     }
 
     #[test]
