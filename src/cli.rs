@@ -317,9 +317,9 @@ struct BenchArgs {
     #[arg(long, default_value_t = 32)]
     gen_tokens: usize,
     /// Also sample the memory read bandwidth with the same threads while decoding (before the
-    /// first token, then every 8 tokens and at the end; each sample half a second, untimed),
-    /// and state decode's reads of weights as a fraction of it: decode's bound, measured at
-    /// the time of the run. The peak RSS reported is then read before the buffer is allocated.
+    /// first token, then every `--bandwidth-every` tokens and at the end; each sample about half
+    /// a second, untimed), and state decode's reads of weights as a fraction of it: decode's
+    /// bound, measured at the time of the run. The peak RSS reported is then read before the buffer is allocated.
     #[arg(long)]
     bandwidth: bool,
     /// MiB that `--bandwidth` reads per pass (at most half the memory available). Default:
@@ -328,6 +328,10 @@ struct BenchArgs {
     /// passes (128 MiB on a 32 MiB L3: 11-16 % faster than fresh memory).
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..=65536))]
     bandwidth_mib: Option<u64>,
+    /// Decoded tokens between two samples of `--bandwidth` (1: a sample around every token, to
+    /// pair decode with the memory's speed more closely where it changes within seconds).
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    bandwidth_every: u64,
     /// Print a JSON object.
     #[arg(long)]
     json: bool,
@@ -570,9 +574,6 @@ fn bench_tokens(n: usize) -> Vec<u32> {
     (0..n).map(|i| ((i * 37) % 31000 + 3) as u32).collect()
 }
 
-/// Decoded tokens between two samples of `mistrald bench --bandwidth`.
-const BANDWIDTH_EVERY: usize = 8;
-
 /// One read-bandwidth sample for `mistrald bench --bandwidth`, in GB/s. The engine's ggml
 /// workers busy-poll for work for a while after each step; the pause lets them go to sleep
 /// first, so that they do not compete with the probe's threads for the cores.
@@ -611,7 +612,10 @@ fn cmd_bench(a: BenchArgs) -> anyhow::Result<()> {
     let mut cur = 100u32;
     let mut decode = Duration::ZERO;
     for i in 0..a.gen_tokens {
-        if let Some(p) = probe.as_ref().filter(|_| i % BANDWIDTH_EVERY == 0) {
+        if let Some(p) = probe
+            .as_ref()
+            .filter(|_| i % a.bandwidth_every as usize == 0)
+        {
             read_gbs.push(bandwidth_sample(p));
             intervals.push((Duration::ZERO, 0));
         }
@@ -653,18 +657,23 @@ fn cmd_bench(a: BenchArgs) -> anyhow::Result<()> {
     // reads in the interval against the mean of the samples at its ends: the bandwidth moves
     // within seconds on shared machines, so each stretch of decoding is set against what the
     // memory delivered just before and after it.
+    // Each interval: (tokens, decode's reads in GB/s, the samples before and after it).
+    let interval_rates: Vec<(usize, f64, f64, f64)> = intervals
+        .iter()
+        .zip(read_gbs.windows(2))
+        .filter(|((t, n), _)| *n > 0 && !t.is_zero())
+        .map(|((t, n), ends)| {
+            let gbs = *n as f64 * decode_read_bytes as f64 / t.as_secs_f64() / 1e9;
+            (*n, gbs, ends[0], ends[1])
+        })
+        .collect();
     let bound = (!read_gbs.is_empty()).then(|| {
         let mean = read_gbs.iter().sum::<f64>() / read_gbs.len() as f64;
         let lo = read_gbs.iter().copied().fold(f64::INFINITY, f64::min);
         let hi = read_gbs.iter().copied().fold(0.0, f64::max);
-        let mut fractions: Vec<f64> = intervals
+        let mut fractions: Vec<f64> = interval_rates
             .iter()
-            .zip(read_gbs.windows(2))
-            .filter(|((t, n), _)| *n > 0 && !t.is_zero())
-            .map(|((t, n), ends)| {
-                let gbs = *n as f64 * decode_read_bytes as f64 / t.as_secs_f64() / 1e9;
-                gbs / ((ends[0] + ends[1]) / 2.0)
-            })
+            .map(|&(_, gbs, before, after)| gbs / ((before + after) / 2.0))
             .collect();
         fractions.sort_by(f64::total_cmp);
         let median = fractions.get(fractions.len() / 2).copied().unwrap_or(0.0);
@@ -678,6 +687,13 @@ fn cmd_bench(a: BenchArgs) -> anyhow::Result<()> {
             out["read_gbs_max"] = hi.into();
             out["read_samples"] = read_gbs.len().into();
             out["read_probe_bytes"] = probe.as_ref().map_or(0, |p| p.bytes()).into();
+            out["intervals"] = interval_rates
+                .iter()
+                .map(|&(tokens, gbs, before, after)| {
+                    serde_json::json!({ "tokens": tokens, "decode_read_gbs": gbs, "read_gbs_before": before, "read_gbs_after": after })
+                })
+                .collect::<Vec<_>>()
+                .into();
             out["decode_bound_fraction"] = (decode_read_gbs / mean).into();
             out["decode_bound_fraction_median"] = median.into();
         }

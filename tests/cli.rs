@@ -122,6 +122,8 @@ fn bench_and_info_report() {
         "--bandwidth",
         "--bandwidth-mib",
         "8",
+        "--bandwidth-every",
+        "3",
     ]));
     let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
     for key in [
@@ -137,9 +139,25 @@ fn bench_and_info_report() {
     ] {
         assert!(v[key].as_f64().unwrap() > 0.0, "{key} in {out}");
     }
-    // 4 tokens: a sample before the first and one at the end, of the buffer asked for.
-    assert_eq!(v["read_samples"], 2, "{out}");
+    // 4 tokens, a sample every 3: before the first, before the fourth and at the end, of the
+    // buffer asked for; the intervals between them hold 3 tokens and 1.
+    assert_eq!(v["read_samples"], 3, "{out}");
     assert_eq!(v["read_probe_bytes"], 8 << 20, "{out}");
+    let intervals = v["intervals"].as_array().unwrap();
+    let tokens: Vec<u64> = intervals
+        .iter()
+        .map(|i| i["tokens"].as_u64().unwrap())
+        .collect();
+    assert_eq!(tokens, [3, 1], "{out}");
+    for i in intervals {
+        for key in ["decode_read_gbs", "read_gbs_before", "read_gbs_after"] {
+            assert!(i[key].as_f64().unwrap() > 0.0, "{key} in {out}");
+        }
+    }
+    assert_eq!(
+        intervals[0]["read_gbs_after"], intervals[1]["read_gbs_before"],
+        "{out}"
+    );
     // Decode reads every tensor of the file but the token embeddings.
     let bytes = std::fs::read(&model).unwrap();
     let info = mistrald::ggml::gguf::GgufFile::parse(&bytes, &model).unwrap();
