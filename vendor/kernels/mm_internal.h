@@ -260,6 +260,19 @@ static inline const uint8_t *mm_pf_addr(const uint8_t *cur, size_t dist, const u
 #endif
 #define MM_PF_L1(addr) __builtin_prefetch((const void *)(addr), 0, 3)
 
+/* On x86, the 4- and 6-bit weight streams are prefetched into L2 twice: mk_mm_pf_distance
+ * bytes ahead and again MM_PF_L2_AGAIN times as far (mm_pf_quant_lines in mm_simd.h): a
+ * prefetch per line more to issue, and the memory stays busier when it is fast. Measured on
+ * Zen 4 (the decode-like harness of BENCHMARKS.md §7, 2 threads, one row, Q4_0's 256-bit
+ * tiles, 8 KB and 16 KB ahead): 87 -> 96 % of a plain read at ~61 GB/s (151 rounds), 91 ->
+ * 100 % at ~56, unchanged at ~35; a single prefetch 16 KB ahead 89 %, a third at 24 KB no
+ * further gain. 0 turns it off (the aarch64 paths: not measured there). */
+#if defined(__x86_64__) || defined(_M_X64)
+#define MM_PF_L2_AGAIN 2
+#else
+#define MM_PF_L2_AGAIN 0
+#endif
+
 /* Quantizes chunks [c0, c1) of a batch of nr rows with `q` (a chunk quantizer). */
 static inline void mm_quantize_chunks(void (*q)(const float *, int64_t, int, int64_t, void *), const float *x,
                                       int64_t x_stride, int nr, int64_t K, void *xq, int c0, int c1)

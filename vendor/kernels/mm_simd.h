@@ -26,7 +26,8 @@
  * vector lanes until the tile's end (no horizontal sums). The weights are
  * prefetched mk_mm_pf_distance bytes ahead into L2 (continuing into the
  * next tile), one prefetch per 64 bytes read, and on x86 the 4- and 6-bit
- * values also MM_PF_L1_DISTANCE bytes ahead into L1 (mm_pf_quant_lines).
+ * values also twice as far ahead into L2 and MM_PF_L1_DISTANCE bytes ahead
+ * into L1 (mm_pf_quant_lines).
  */
 #define MM_RV (MM_TILE / MM_LANES)
 
@@ -59,14 +60,17 @@ MM_INLINE void mm_pf_lines(const uint8_t *cur, size_t dist, const uint8_t *end, 
     mm_pf_lines_step(cur, dist, end, len, tb, lines, 1);
 }
 
-/* The 4- and 6-bit tiles' quantized values: mm_pf_lines, and MM_PF_L1_DISTANCE bytes ahead
+/* The 4- and 6-bit tiles' quantized values: mm_pf_lines, on x86 the same lines once more
+ * into L2 MM_PF_L2_AGAIN times as far ahead (mm_internal.h), and MM_PF_L1_DISTANCE bytes ahead
  * into L1 too where the L2 prefetch runs at least twice as far ahead. Q8_0's tiles and the
- * scale sections prefetch into L2 only (the 512-bit one-row Q8_0 tile, the least work per
+ * scale sections prefetch into L2 once (the 512-bit one-row Q8_0 tile, the least work per
  * byte, streamed at 49-75 % of the read with the L1 prefetch against 78-94 % without). */
 MM_INLINE void mm_pf_quant_lines(const uint8_t *cur, size_t dist, const uint8_t *end, size_t len, size_t tb,
                                  int lines)
 {
     mm_pf_lines(cur, dist, end, len, tb, lines);
+    if (MM_PF_L2_AGAIN)
+        mm_pf_lines(cur, MM_PF_L2_AGAIN * dist, end, len, tb, lines);
     if (MM_PF_L1_DISTANCE && dist >= 2 * (size_t)MM_PF_L1_DISTANCE) {
         const uint8_t *p1 = mm_pf_addr(cur, MM_PF_L1_DISTANCE, end, len, tb);
         for (int i = 0; i < lines; i++)
