@@ -319,7 +319,8 @@ struct BenchArgs {
     /// Also sample the memory read bandwidth with the same threads while decoding (before the
     /// first token, then every `--bandwidth-every` tokens and at the end; each sample about half
     /// a second, untimed), and state decode's reads of weights as a fraction of it: decode's
-    /// bound, measured at the time of the run. The peak RSS reported is then read before the buffer is allocated.
+    /// bound, measured at the time of the run. The peak RSS reported is then read before the
+    /// buffer is allocated.
     #[arg(long)]
     bandwidth: bool,
     /// MiB that `--bandwidth` reads per pass (at most half the memory available). Default:
@@ -653,10 +654,6 @@ fn cmd_bench(a: BenchArgs) -> anyhow::Result<()> {
         .sum();
     let decode_read_gbs = decode_tok_s * decode_read_bytes as f64 / 1e9;
     let kv_bytes = seq.cache().bytes();
-    // (mean, lowest, highest) of the samples, and the median over the intervals of decode's
-    // reads in the interval against the mean of the samples at its ends: the bandwidth moves
-    // within seconds on shared machines, so each stretch of decoding is set against what the
-    // memory delivered just before and after it.
     // Each interval: (tokens, decode's reads in GB/s, the samples before and after it).
     let interval_rates: Vec<(usize, f64, f64, f64)> = intervals
         .iter()
@@ -667,6 +664,11 @@ fn cmd_bench(a: BenchArgs) -> anyhow::Result<()> {
             (*n, gbs, ends[0], ends[1])
         })
         .collect();
+    let probe_bytes = probe.as_ref().map_or(0, |p| p.bytes());
+    // (mean, lowest, highest) of the samples, and the median over the intervals of decode's
+    // reads in the interval against the mean of the samples at its ends: the bandwidth moves
+    // within seconds on shared machines, so each stretch of decoding is set against what the
+    // memory delivered just before and after it.
     let bound = (!read_gbs.is_empty()).then(|| {
         let mean = read_gbs.iter().sum::<f64>() / read_gbs.len() as f64;
         let lo = read_gbs.iter().copied().fold(f64::INFINITY, f64::min);
@@ -686,7 +688,7 @@ fn cmd_bench(a: BenchArgs) -> anyhow::Result<()> {
             out["read_gbs_min"] = lo.into();
             out["read_gbs_max"] = hi.into();
             out["read_samples"] = read_gbs.len().into();
-            out["read_probe_bytes"] = probe.as_ref().map_or(0, |p| p.bytes()).into();
+            out["read_probe_bytes"] = probe_bytes.into();
             out["intervals"] = interval_rates
                 .iter()
                 .map(|&(tokens, gbs, before, after)| {
@@ -711,7 +713,7 @@ fn cmd_bench(a: BenchArgs) -> anyhow::Result<()> {
             println!(
                 "memory:  read bandwidth {mean:.1} GB/s ({lo:.1} to {hi:.1} in {} samples of {} MiB, {n_threads} threads); decode at {:.0}% of it (median of the intervals between samples: {:.0}%)",
                 read_gbs.len(),
-                probe.as_ref().map_or(0, |p| p.bytes() >> 20),
+                probe_bytes >> 20,
                 100.0 * decode_read_gbs / mean,
                 100.0 * median
             );

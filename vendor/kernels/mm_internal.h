@@ -248,11 +248,11 @@ static inline const uint8_t *mm_pf_addr(const uint8_t *cur, size_t dist, const u
 
 /* On x86, the 4- and 6-bit weight streams are also prefetched into L1 MM_PF_L1_DISTANCE
  * bytes ahead (lines the L2 prefetch brought in a little earlier), when the L2 prefetch
- * runs at least twice as far ahead (mm_pf_quant_lines in mm_simd.h). Measured on Zen 4 (2 threads, a
- * decode-like sequence of the 7B products, one row, alternating with a plain read): Q4_0's
- * 256-bit tiles 88 -> 93 % of the read at ~32 GB/s, 77 -> 82 % at ~54, 70 -> 78 % at ~60
- * (660 rounds); Q4_K and Q6_K +4 to +5 points, the 512-bit tiles +4 to +12. 0 turns it
- * off (the aarch64 paths: not measured there). */
+ * runs at least twice as far ahead (mm_pf_quant_lines in mm_simd.h). Measured on Zen 4
+ * (2 threads, a decode-like sequence of the 7B products, one row, alternating with a plain
+ * read): Q4_0's 256-bit tiles 88 -> 93 % of the read at ~32 GB/s, 77 -> 82 % at ~54, 70 ->
+ * 78 % at ~60 (660 rounds); Q4_K and Q6_K +4 to +5 points, the 512-bit tiles +4 to +12. 0
+ * turns it off (the aarch64 paths: not measured there). */
 #if defined(__x86_64__) || defined(_M_X64)
 #define MM_PF_L1_DISTANCE 2048
 #else
